@@ -12,7 +12,7 @@ from sftcore.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("SFTCORE_SHARED_DATA", REPO.parent / "shared" / "data"))
 REAL_DATA_FILES = [SHARED_DATA / "taubench_airline_dev.jsonl", SHARED_DATA / "fireact_hotpotqa.jsonl"]
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
