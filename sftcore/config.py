@@ -1,0 +1,99 @@
+"""TrainConfig: the single source of truth for training options; the CLI is generated from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+
+
+@dataclass
+class TrainConfig:
+    data_path: str = _opt(None, "JSONL file of {input, output} trajectory rows (required)")
+    model_name_or_path: str = _opt(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "hub id, local HF directory, or the bundled offline model 'smollm2-135m-instruct'",
+    )
+    output_dir: str = _opt("checkpoints/sft", "where checkpoint-{step}/, final/ and metrics.jsonl land")
+    use_lora: bool = _opt(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA alpha")
+    lora_dropout: float = _opt(0.05, "LoRA dropout")
+    lora_target_modules: str = _opt("all-linear", "comma-separated module names, or 'all-linear'")
+    num_epochs: int = _opt(3, "passes over the training split (ignored when --max_steps is set)")
+    max_steps: int | None = _opt(None, "total optimizer steps; overrides --num_epochs")
+    validation_split: float = _opt(0.1, "fraction of valid rows held out for evaluation (0 disables eval)")
+    per_device_batch_size: int = _opt(2, "rows per micro-batch on each worker")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step on each worker")
+    max_seq_length: int = _opt(4096, "longer rows are cut after the last whole assistant turn that fits")
+    learning_rate: float = _opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    lr_scheduler: str = _opt("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
+    warmup_ratio: float = _opt(0.03, "fraction of total steps spent warming up linearly from 0")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
+    seed: int = _opt(42, "seed for the split, shuffling and initialisation")
+    save_steps: int = _opt(100, "checkpoint every N optimizer steps (and at the end)")
+    save_total_limit: int = _opt(3, "keep the newest N checkpoint-{step} directories")
+    eval_steps: int | None = _opt(None, "evaluate every N steps (default: --save_steps); always at the end")
+    logging_steps: int = _opt(1, "log training metrics every N steps")
+    resume: str = _opt(
+        "auto", "auto: continue from the newest checkpoint in output_dir; never: refuse a non-empty output_dir",
+        ("auto", "never"),
+    )
+    on_bad_rows: str = _opt(
+        "error", "error: stop before training and list bad lines; skip: train on the good rows, write the rest "
+        "to output_dir/rejected_rows.jsonl", ("error", "skip"),
+    )
+    report_to: str = _opt("wandb", "wandb (offline when no API key) or none", ("wandb", "none"))
+    wandb_project: str = _opt("sft-trajectory", "wandb project name")
+    num_workers: int = _opt(1, "Ray Train workers (one per GPU on GPU machines)", aliases=("--num-workers",))
+    use_gpu: bool | None = _opt(None, "train on GPUs (default: when the cluster has them)")
+    cpus_per_worker: int | None = _opt(None, "CPUs per worker (default: 1 with GPUs, else all CPUs / workers)")
+    address: str | None = _opt(None, "Ray cluster to join (default: $RAY_ADDRESS, else start Ray in-process)")
+    trust_remote_code: bool = _opt(False, "allow model repos to run their own Python code")
+
+    def __post_init__(self) -> None:
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        names = [f"--{f.name}", *f.metadata["aliases"]]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
+        kind = str(f.type)
+        if kind == "bool":
+            # `--use_lora` alone means true; `--use_lora false` is accepted too.
+            kwargs.update(nargs="?", const=True, type=_parse_bool)
+        elif "bool" in kind:
+            kwargs.update(type=_parse_bool)
+        elif "int" in kind:
+            kwargs["type"] = int
+        elif "float" in kind:
+            kwargs["type"] = float
+        if f.metadata["choices"]:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.name == "data_path":
+            kwargs["required"] = True
+        if kwargs["default"] is not None and f.name != "data_path":
+            kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> TrainConfig:
+    return TrainConfig(**vars(build_parser(description).parse_args(argv)))

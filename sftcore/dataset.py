@@ -1,0 +1,160 @@
+"""Ray Data pipeline: JSONL lines -> encoded rows (actor pool) -> rejects reported -> train / validation split.
+
+Every input line is accounted for: it becomes a training row, a validation row, a blank line, or a
+rejected row with its line number and reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sftcore.data import DataError, check_readable_file, parse_line, parse_row
+from sftcore.masking import IGNORE_INDEX, encode_conversation
+from sftcore.models import load_tokenizer
+
+
+@dataclass
+class DatasetSummary:
+    path: str
+    lines: int = 0
+    blank_lines: int = 0
+    train_rows: int = 0
+    validation_rows: int = 0
+    train_tokens: int = 0
+    train_trained_tokens: int = 0
+    truncated_rows: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message"}
+
+    def rejected_by_reason(self) -> Counter:
+        return Counter(r["reason"] for r in self.rejected)
+
+    def format_rejects(self, limit: int = 20) -> str:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejected_by_reason().items()))
+        lines = [f"{len(self.rejected)} bad row(s) in {self.path} ({counts})"]
+        lines += [f"  {self.path}:{r['line']}: {r['message']}" for r in self.rejected[:limit]]
+        if len(self.rejected) > limit:
+            lines.append(f"  ... and {len(self.rejected) - limit} more")
+        return "\n".join(lines)
+
+
+class RowEncoder:
+    """Ray Data actor: loads the tokenizer once, then encodes batches of raw lines."""
+
+    def __init__(self, model_name_or_path: str, max_seq_length: int, trust_remote_code: bool = False):
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+        self.max_seq_length = max_seq_length
+
+    def encode(self, text: str) -> dict[str, Any]:
+        try:
+            encoded = encode_conversation(parse_row(parse_line(text)), self.tokenizer, self.max_seq_length)
+        except DataError as e:
+            return {"error_reason": e.reason, "error_message": str(e)}
+        labels = np.asarray(encoded["labels"], dtype=np.int64)
+        return {
+            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int32),
+            "labels": labels,
+            "num_tokens": len(labels),
+            "num_trained": int((labels != IGNORE_INDEX).sum()),
+            "truncated": encoded["truncated"],
+            "error_reason": "",
+            "error_message": "",
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        empty = np.zeros(0, dtype=np.int32)
+        out: dict[str, list] = {k: [] for k in ("line", "input_ids", "labels", "num_tokens", "num_trained",
+                                                "truncated", "error_reason", "error_message")}
+        for line, text in zip(batch["line"], batch["text"], strict=True):
+            encoded = self.encode(text)
+            out["line"].append(int(line))
+            out["input_ids"].append(encoded.get("input_ids", empty))
+            out["labels"].append(encoded.get("labels", empty.astype(np.int64)))
+            for key, default in (("num_tokens", 0), ("num_trained", 0), ("truncated", False)):
+                out[key].append(encoded.get(key, default))
+            out["error_reason"].append(encoded["error_reason"])
+            out["error_message"].append(encoded["error_message"])
+        return out
+
+
+def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:
+    """Non-blank UTF-8 lines as {"line", "text"} items; counts lines and blanks, rejects undecodable ones."""
+    items = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            summary.lines += 1
+            if not raw.strip():
+                summary.blank_lines += 1
+                continue
+            try:
+                items.append({"line": number, "text": raw.decode("utf-8")})
+            except UnicodeDecodeError as e:
+                summary.rejected.append(
+                    {"line": number, "reason": "invalid_utf8", "message": f"invalid UTF-8 at byte {e.start}"}
+                )
+    return items
+
+
+def _split_lines(lines: list[int], validation_split: float, seed: int) -> set[int]:
+    """Deterministic validation lines for a seed: the same rows whatever the worker count."""
+    if validation_split <= 0 or len(lines) < 2:
+        return set()
+    count = min(len(lines) - 1, max(1, round(len(lines) * validation_split)))
+    return set(random.Random(seed).sample(sorted(lines), count))
+
+
+def build_datasets(
+    data_path: str,
+    model_name_or_path: str,
+    max_seq_length: int,
+    validation_split: float,
+    seed: int,
+    encoder_concurrency: int = 1,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any | None, DatasetSummary]:
+    """(train dataset, validation dataset or None, summary). Datasets hold line, input_ids, labels, counts."""
+    import ray.data
+
+    path = check_readable_file(data_path)
+    summary = DatasetSummary(path=str(data_path))
+    items = _read_lines(path, summary)
+    if not items and not summary.rejected:
+        raise DataError(f"{data_path}: no rows (the file is empty)", "empty_file")
+
+    encoded = (
+        ray.data.from_items(items)
+        .map_batches(
+            RowEncoder,
+            fn_constructor_args=(model_name_or_path, max_seq_length, trust_remote_code),
+            batch_size=32,
+            concurrency=encoder_concurrency,
+            num_cpus=1,
+        )
+        .materialize()
+    )
+    status = encoded.select_columns(["line", "error_reason", "error_message", "num_tokens", "num_trained",
+                                     "truncated"]).to_pandas()
+    for row in status[status.error_reason != ""].itertuples():
+        summary.rejected.append({"line": int(row.line), "reason": row.error_reason, "message": row.error_message})
+    summary.rejected.sort(key=lambda r: r["line"])
+
+    good = status[status.error_reason == ""]
+    validation_lines = _split_lines(good.line.tolist(), validation_split, seed)
+    is_validation = good.line.isin(validation_lines)
+    summary.train_rows = int((~is_validation).sum())
+    summary.validation_rows = int(is_validation.sum())
+    summary.train_tokens = int(good.num_tokens[~is_validation].sum())
+    summary.train_trained_tokens = int(good.num_trained[~is_validation].sum())
+    summary.truncated_rows = int(good.truncated.sum())
+
+    columns = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
+    valid = encoded.filter(lambda r: r["error_reason"] == "").select_columns(columns)
+    train = valid.filter(lambda r: r["line"] not in validation_lines).materialize()
+    validation = valid.filter(lambda r: r["line"] in validation_lines).materialize() if validation_lines else None
+    return train, validation, summary
