@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,12 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
 
 def is_complete(directory: Path) -> bool:
     return (directory / TRAINER_STATE).is_file() and (directory / TRAINING_STATE).is_file()
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint-{step} directories (final/ is never counted or removed)."""
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in steps[: max(len(steps) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -42,12 +42,15 @@ class TrainConfig:
     eval_steps: int | None = _opt(None, "evaluate every N steps (default: --save_steps); always at the end")
     logging_steps: int = _opt(1, "log training metrics every N steps")
     resume: str = _opt(
-        "auto", "auto: continue from the newest checkpoint in output_dir; never: refuse a non-empty output_dir",
+        "auto",
+        "auto: continue from the newest checkpoint in output_dir; never: refuse a non-empty output_dir",
         ("auto", "never"),
     )
     on_bad_rows: str = _opt(
-        "error", "error: stop before training and list bad lines; skip: train on the good rows, write the rest "
-        "to output_dir/rejected_rows.jsonl", ("error", "skip"),
+        "error",
+        "error: stop before training and list bad lines; skip: train on the good rows, write the rest "
+        "to output_dir/rejected_rows.jsonl",
+        ("error", "skip"),
     )
     report_to: str = _opt("wandb", "wandb (offline when no API key) or none", ("wandb", "none"))
     wandb_project: str = _opt("sft-trajectory", "wandb project name")

@@ -6,7 +6,6 @@ rejected row with its line number and reason.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,8 +68,19 @@ class RowEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         empty = np.zeros(0, dtype=np.int32)
-        out: dict[str, list] = {k: [] for k in ("line", "input_ids", "labels", "num_tokens", "num_trained",
-                                                "truncated", "error_reason", "error_message")}
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "line",
+                "input_ids",
+                "labels",
+                "num_tokens",
+                "num_trained",
+                "truncated",
+                "error_reason",
+                "error_message",
+            )
+        }
         for line, text in zip(batch["line"], batch["text"], strict=True):
             encoded = self.encode(text)
             out["line"].append(int(line))
@@ -138,8 +148,9 @@ def build_datasets(
         )
         .materialize()
     )
-    status = encoded.select_columns(["line", "error_reason", "error_message", "num_tokens", "num_trained",
-                                     "truncated"]).to_pandas()
+    status = encoded.select_columns(
+        ["line", "error_reason", "error_message", "num_tokens", "num_trained", "truncated"]
+    ).to_pandas()
     for row in status[status.error_reason != ""].itertuples():
         summary.rejected.append({"line": int(row.line), "reason": row.error_reason, "message": row.error_message})
     summary.rejected.sort(key=lambda r: r["line"])

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sftcore.checkpoint import ADAPTER_DIR, TrainerState, load_training_state, read_trainer_state, save_checkpoint
+from sftcore.checkpoint import (
+    ADAPTER_DIR,
+    TrainerState,
+    load_training_state,
+    prune_checkpoints,
+    read_trainer_state,
+    save_checkpoint,
+)
 from sftcore.config import TrainConfig
 from sftcore.masking import IGNORE_INDEX
 from sftcore.models import load_tokenizer, resolve_model_path
@@ -117,6 +124,7 @@ class Trainer:
         self.cfg = TrainConfig(**loop_config["train_config"])
         self.total_steps: int = loop_config["total_steps"]
         self.steps_per_epoch: int = loop_config["steps_per_epoch"]
+        self.resume_from: str | None = loop_config["resume_from"]
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -137,7 +145,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.state = TrainerState(total_steps=self.total_steps, wandb_run_id=stable_run_id(cfg.output_dir))
 
-        checkpoint = ray.train.get_checkpoint()
+        # Ray's own checkpoint (a restart within this run) wins over the one the driver found on disk.
+        checkpoint = ray.train.get_checkpoint() or (
+            ray.train.Checkpoint(self.resume_from) if self.resume_from else None
+        )
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
             resume_dir = Path(resume_dir) if resume_dir else None
             model = build_model(cfg, resume_dir)
@@ -149,7 +160,9 @@ class Trainer:
                 load_training_state(resume_dir, self.optimizer, self.scheduler)
                 saved = read_trainer_state(resume_dir)
                 self.state.step, self.state.epoch, self.state.step_in_epoch = (
-                    saved.step, saved.epoch, saved.step_in_epoch
+                    saved.step,
+                    saved.epoch,
+                    saved.step_in_epoch,
                 )
                 if self.rank == 0:
                     logger.warning("resumed from %s at step %d", checkpoint.path, saved.step)
@@ -221,8 +234,11 @@ class Trainer:
             count = count + trained_token_count(batch)
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.device)
         eval_loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-                "eval_token_accuracy": correct / max(count, 1.0)}
+        return {
+            "eval_loss": eval_loss,
+            "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+            "eval_token_accuracy": correct / max(count, 1.0),
+        }
 
     def save_checkpoint(self, metrics: dict[str, Any], final: bool = False) -> None:
         import ray.train
@@ -231,10 +247,21 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="sftcore-ckpt-") as tmp:
             checkpoint = None
             if self.rank == 0:
-                save_checkpoint(Path(tmp), self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
-                                self.cfg.__dict__, self.cfg.use_lora, export_merged=final)
+                save_checkpoint(
+                    Path(tmp),
+                    self.model,
+                    self.tokenizer,
+                    self.optimizer,
+                    self.scheduler,
+                    self.state,
+                    self.cfg.__dict__,
+                    self.cfg.use_lora,
+                    export_merged=final,
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "step": self.state.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if self.rank == 0 and not final:
+            prune_checkpoints(Path(self.cfg.output_dir), self.cfg.save_total_limit)
 
     def _log(self, row: dict[str, Any], eta_s: float | None = None) -> None:
         if self.metrics is None:
@@ -242,11 +269,17 @@ class Trainer:
         self.metrics.log(row)
         if "loss" in row:
             eta = f" eta {eta_s / 60:.1f}m" if eta_s is not None else ""
-            print(f"step {row['step']}/{self.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.2e} "
-                  f"tok/s {row['tokens_per_second']:.0f}{eta}", flush=True)
+            print(
+                f"step {row['step']}/{self.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.2e} "
+                f"tok/s {row['tokens_per_second']:.0f}{eta}",
+                flush=True,
+            )
         else:
-            print(f"step {row['step']} eval_loss {row['eval_loss']:.4f} "
-                  f"ppl {row['eval_perplexity']:.2f} acc {row['eval_token_accuracy']:.3f}", flush=True)
+            print(
+                f"step {row['step']} eval_loss {row['eval_loss']:.4f} "
+                f"ppl {row['eval_perplexity']:.2f} acc {row['eval_token_accuracy']:.3f}",
+                flush=True,
+            )
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state

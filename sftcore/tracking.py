@@ -41,7 +41,7 @@ class MetricsLogger:
         if report_to == "wandb":
             import wandb
 
-            mode = os.environ.get("WANDB_MODE")
+            mode = os.environ.get("WANDB_MODE") or None
             if mode is None and not _has_wandb_credentials():
                 mode = "offline"
                 logger.warning("wandb: no API key and no login found; logging offline under %s/wandb", output_dir)

@@ -46,8 +46,10 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise UsageError(f"--output_dir {cfg.output_dir} is not writable ({e.strerror})") from None
     if cfg.resume == "never" and any(output_dir.iterdir()):
-        raise UsageError(f"--output_dir {cfg.output_dir} is not empty and --resume never was given; "
-                         "choose a new directory or drop --resume never to continue the run there")
+        raise UsageError(
+            f"--output_dir {cfg.output_dir} is not empty and --resume never was given; "
+            "choose a new directory or drop --resume never to continue the run there"
+        )
     return output_dir
 
 
@@ -105,13 +107,20 @@ def run(cfg: TrainConfig) -> int:
     cpus_per_worker = cfg.cpus_per_worker or (1 if use_gpu else max(1, int(resources.get("CPU", 1)) // cfg.num_workers))
 
     train, validation, summary = build_datasets(
-        cfg.data_path, cfg.model_name_or_path, cfg.max_seq_length, cfg.validation_split, cfg.seed,
-        encoder_concurrency=max(1, min(4, int(resources.get("CPU", 1)))), trust_remote_code=cfg.trust_remote_code,
+        cfg.data_path,
+        cfg.model_name_or_path,
+        cfg.max_seq_length,
+        cfg.validation_split,
+        cfg.seed,
+        encoder_concurrency=max(1, min(4, int(resources.get("CPU", 1)))),
+        trust_remote_code=cfg.trust_remote_code,
     )
     if summary.rejected:
         if cfg.on_bad_rows == "error":
-            raise UsageError(summary.format_rejects() + "\nfix these lines, or pass --on_bad_rows skip to train "
-                             "on the valid rows only")
+            raise UsageError(
+                summary.format_rejects() + "\nfix these lines, or pass --on_bad_rows skip to train "
+                "on the valid rows only"
+            )
         rejected_path = output_dir / "rejected_rows.jsonl"
         rejected_path.write_text("".join(json.dumps(r) + "\n" for r in summary.rejected))
         logger.warning("%s\nskipped them (--on_bad_rows skip); written to %s", summary.format_rejects(5), rejected_path)
@@ -121,9 +130,17 @@ def run(cfg: TrainConfig) -> int:
     logger.info(
         "data: %d lines (%d blank, %d rejected) -> %d train rows (%d tokens, %d trained), %d validation rows; "
         "%d truncated to %d tokens; %d steps (%d per epoch)",
-        summary.lines, summary.blank_lines, len(summary.rejected), summary.train_rows, summary.train_tokens,
-        summary.train_trained_tokens, summary.validation_rows, summary.truncated_rows, cfg.max_seq_length,
-        total_steps, steps_per_epoch,
+        summary.lines,
+        summary.blank_lines,
+        len(summary.rejected),
+        summary.train_rows,
+        summary.train_tokens,
+        summary.train_trained_tokens,
+        summary.validation_rows,
+        summary.truncated_rows,
+        cfg.max_seq_length,
+        total_steps,
+        steps_per_epoch,
     )
 
     resume_from = newest_checkpoint(output_dir) if cfg.resume == "auto" else None
@@ -132,18 +149,23 @@ def run(cfg: TrainConfig) -> int:
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": asdict(cfg), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch},
+        train_loop_config={
+            "train_config": asdict(cfg),
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "resume_from": str(resume_from) if resume_from else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=output_dir.name,
             storage_path=str(output_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.save_total_limit + 1),
+            # retention is ours (prune_checkpoints): Ray's num_to_keep would count final/ as a checkpoint
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume_from)) if resume_from else None,
     )
     result = trainer.fit()
     curve = plot_loss_curve(str(output_dir))

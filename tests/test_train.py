@@ -1,0 +1,214 @@
+"""workflows/train.py end to end on a real local Ray with a tiny random model (slow: real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random model with SmolLM2's architecture and tokenizer (ChatML template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-model")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_rows(path, count: int) -> str:
+    rows = [
+        {
+            "input": f"Question {i}: what is {i} + {i}?",
+            "output": [
+                {"role": "assistant", "content": f"Thought: add them.\nAction: calc[{i}+{i}]"},
+                {"role": "user", "content": f"Observation: {2 * i}"},
+                {"role": "assistant", "content": "The answer is " + str(2 * i) + "." * (i % 5 + 1)},
+            ],
+        }
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train(output_dir, *args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "workflows/train.py", "--output_dir", str(output_dir), *args]
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=full_env)
+
+
+def losses(output_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+COMMON = [
+    "--validation_split",
+    "0",
+    "--lr_scheduler",
+    "constant",
+    "--warmup_ratio",
+    "0",
+    "--learning_rate",
+    "1e-3",
+    "--max_seq_length",
+    "256",
+]
+
+
+def test_two_workers_train_exactly_like_one_worker_with_the_same_global_batch(tmp_path, tiny_model):
+    data = write_rows(tmp_path / "rows.jsonl", 4)  # one global batch of 4 rows: every step sees all of them
+    base = ["--data_path", data, "--model_name_or_path", tiny_model, "--max_steps", "3", "--save_steps", "100", *COMMON]
+    home = tmp_path / "home"  # no wandb credentials here: the run must go offline, not prompt
+    home.mkdir()
+    one = train(
+        tmp_path / "one",
+        *base,
+        "--num-workers",
+        "1",
+        "--per_device_batch_size",
+        "4",
+        "--report_to",
+        "wandb",
+        env={"HOME": str(home), "WANDB_API_KEY": None, "WANDB_MODE": None},
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = train(tmp_path / "two", *base, "--num_workers", "2", "--per_device_batch_size", "2", "--report_to", "none")
+    assert two.returncode == 0, two.stderr[-3000:]
+    accum = train(
+        tmp_path / "accum",
+        *base,
+        "--num-workers",
+        "1",
+        "--per_device_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "4",
+        "--report_to",
+        "none",
+    )
+    assert accum.returncode == 0, accum.stderr[-3000:]
+
+    reference = losses(tmp_path / "one")
+    assert sorted(reference) == [1, 2, 3]
+    assert reference[3] < reference[1]  # it learns
+    for other in (losses(tmp_path / "two"), losses(tmp_path / "accum")):
+        assert other.keys() == reference.keys()
+        for step in reference:
+            assert other[step] == pytest.approx(reference[step], rel=1e-4)
+    assert list((tmp_path / "one" / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    assert (tmp_path / "one" / "loss_curve.png").stat().st_size > 0
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run_and_final_loads(tmp_path, tiny_model):
+    data = write_rows(tmp_path / "rows.jsonl", 12)
+    base = [
+        "--data_path",
+        data,
+        "--model_name_or_path",
+        tiny_model,
+        "--use_lora",
+        "--lora_r",
+        "4",
+        "--per_device_batch_size",
+        "2",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "2",
+        "--report_to",
+        "none",
+        *COMMON,
+    ]
+    whole = train(tmp_path / "whole", *base, "--max_steps", "8")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = train(tmp_path / "resumed", *base, "--max_steps", "5")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train(tmp_path / "resumed", *base, "--max_steps", "8")  # same output dir: continues from step 5
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing from" in second.stderr
+
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+
+    out = tmp_path / "resumed"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # newest 2 kept
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), final / "adapter")
+    assert sum("lora_" in name for name, _ in adapted.named_parameters()) > 0
+
+
+def test_bad_rows_stop_before_training_or_are_skipped_and_written(tmp_path, tiny_model):
+    data = tmp_path / "rows.jsonl"
+    write_rows(data, 6)
+    with data.open("a") as f:
+        f.write('{"input": "x"}\nnot json\n')
+    base = [
+        "--data_path",
+        str(data),
+        "--model_name_or_path",
+        tiny_model,
+        "--max_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--per_device_batch_size",
+        "2",
+        *COMMON,
+    ]
+    stopped = train(tmp_path / "stopped", *base)
+    assert stopped.returncode == 2
+    assert f"{data}:7: missing field(s): output" in stopped.stderr and f"{data}:8: not valid JSON" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and not (tmp_path / "stopped" / "final").exists()
+
+    skipped = train(tmp_path / "skipped", *base, "--on_bad_rows", "skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    rejected = [json.loads(line) for line in (tmp_path / "skipped" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejected] == [(7, "missing_field"), (8, "invalid_json")]
+    assert "6 train rows" in skipped.stderr
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    result = train(tmp_path / "out", "--data_path", str(tmp_path / "nope.jsonl"), "--report_to", "none")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jsonl'}: no such file"
