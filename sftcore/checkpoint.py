@@ -1,7 +1,9 @@
 """What a checkpoint directory holds, and how it is written and read back.
 
 checkpoint-{step}/
-    trainer_state.json   step, epoch, step in epoch, total steps, the run config, wandb run id
+    manifest.json        every other file with its size and sha256, written last: a checkpoint is
+                         usable only if it has a manifest and every file matches it
+    trainer_state.json   step, epoch, step in epoch, total steps, skipped steps, the run config, wandb run id
     training_state.pt    optimizer, scheduler and RNG states (loaded with weights_only=True)
     adapter/             LoRA runs: the adapter (peft format, safetensors)
     model.safetensors …  full fine-tuning: the model (HF format)
@@ -9,11 +11,17 @@ checkpoint-{step}/
 
 final/ is a checkpoint too (so a finished run can be continued with a larger --max_steps), plus the
 model in HF format at its root, LoRA merged, loadable with AutoModelForCausalLM.from_pretrained.
+
+Ray Train copies a checkpoint into OUTPUT_DIR file by file, so a crash (or a full disk) mid-copy
+leaves a directory with some files missing or cut short. Nothing trusts a directory's name: resume
+takes the newest checkpoint whose files all match its manifest, and says which ones it skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -22,6 +30,9 @@ from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 ADAPTER_DIR = "adapter"
@@ -33,6 +44,7 @@ class TrainerState:
     epoch: int = 0  # current epoch (0-based)
     step_in_epoch: int = 0  # optimizer steps done within that epoch
     total_steps: int = 0
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite (no update applied)
     wandb_run_id: str | None = None
 
 
@@ -72,6 +84,61 @@ def save_checkpoint(
     )
     payload = {**state.__dict__, "config": config}
     (directory / TRAINER_STATE).write_text(json.dumps(payload, indent=2))
+    write_manifest(directory)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def checkpoint_problem(directory: Path, check_hashes: bool = True) -> str | None:
+    """Why this checkpoint cannot be trusted (None: it is complete and intact)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (incomplete: written by a crashed or older run)"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if check_hashes and _sha256(path) != expected["sha256"]:
+            return f"{name} is corrupted (sha256 mismatch)"
+    if TRAINER_STATE not in manifest or TRAINING_STATE not in manifest:
+        return "not a training checkpoint"
+    return None
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """N for checkpoint-N; final/ counts by the step it recorded (None when unreadable)."""
+    if directory.name.startswith("checkpoint-") and directory.name[len("checkpoint-") :].isdigit():
+        return int(directory.name[len("checkpoint-") :])
+    try:
+        return read_trainer_state(directory).step
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The intact checkpoint (checkpoint-N or final/) with the highest step; torn ones are skipped, loudly."""
+    candidates = [p for p in [*output_dir.glob("checkpoint-*"), output_dir / "final"] if p.is_dir()]
+    stepped = [(step, p.name == "final", p) for p in candidates if (step := checkpoint_step(p)) is not None]
+    for step, _, path in sorted(stepped, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s (step %d): %s", path, step, problem)
+    return None
 
 
 def read_trainer_state(directory: Path) -> TrainerState:
@@ -87,14 +154,16 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, sched
     random.setstate(saved["python_rng"])
 
 
-def is_complete(directory: Path) -> bool:
-    return (directory / TRAINER_STATE).is_file() and (directory / TRAINING_STATE).is_file()
-
-
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoint-{step} directories (final/ is never counted or removed)."""
+    """Keep the newest `keep` intact checkpoint-{step} directories; delete every older one (torn or
+    not). final/ is never counted or removed; torn directories newer than those kept stay for a look."""
     steps = sorted(
-        (int(p.name.split("-", 1)[1]), p) for p in output_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
+        (step, p) for p in output_dir.glob("checkpoint-*") if p.is_dir() and (step := checkpoint_step(p)) is not None
     )
-    for _, path in steps[: max(len(steps) - keep, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
+    intact = [step for step, p in steps if checkpoint_problem(p, check_hashes=False) is None]
+    if len(intact) <= keep:
+        return
+    oldest_kept = intact[-keep]
+    for step, path in steps:
+        if step < oldest_kept:
+            shutil.rmtree(path, ignore_errors=True)

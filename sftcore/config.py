@@ -38,7 +38,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
     seed: int = _opt(42, "seed for the split, shuffling and initialisation")
     save_steps: int = _opt(100, "checkpoint every N optimizer steps (and at the end)")
-    save_total_limit: int = _opt(3, "keep the newest N checkpoint-{step} directories")
+    save_total_limit: int = _opt(3, "keep the newest N checkpoint-{step} directories (at least 1)")
     eval_steps: int | None = _opt(None, "evaluate every N steps (default: --save_steps); always at the end")
     logging_steps: int = _opt(1, "log training metrics every N steps")
     resume: str = _opt(
@@ -52,6 +52,12 @@ class TrainConfig:
         "to output_dir/rejected_rows.jsonl",
         ("error", "skip"),
     )
+    max_failures: int = _opt(
+        0, "restart from the newest checkpoint up to N times when a worker dies or errors (-1: no limit)"
+    )
+    max_bad_steps: int = _opt(
+        5, "stop after N consecutive steps with a non-finite loss or gradient (such steps are skipped)"
+    )
     report_to: str = _opt("wandb", "wandb (offline when no API key) or none", ("wandb", "none"))
     wandb_project: str = _opt("sft-trajectory", "wandb project name")
     num_workers: int = _opt(1, "Ray Train workers (one per GPU on GPU machines)", aliases=("--num-workers",))
@@ -63,6 +69,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
+        at_least_one = (
+            "num_workers",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_length",
+            "save_steps",
+            "save_total_limit",
+            "eval_steps",
+            "logging_steps",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.validation_split < 1:
+            raise ValueError(f"--validation_split must be in [0, 1), got {self.validation_split}")
 
 
 def _parse_bool(text: str) -> bool:
@@ -99,4 +120,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> TrainConfig:
-    return TrainConfig(**vars(build_parser(description).parse_args(argv)))
+    parser = build_parser(description)
+    try:
+        return TrainConfig(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))  # usage line + one-line error, exit code 2

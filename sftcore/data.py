@@ -200,10 +200,12 @@ def check_readable_file(path: str | Path) -> Path:
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a JSONL file", "not_a_file")
     try:
-        with path.open("rb"):
-            pass
+        with path.open("rb") as f:
+            empty = not f.read(1)
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})", "unreadable_file") from None
+    if empty:
+        raise DataError(f"{path}: no rows (the file is empty)", "empty_file")
     return path
 
 

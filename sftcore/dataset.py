@@ -29,7 +29,7 @@ class DatasetSummary:
     train_tokens: int = 0
     train_trained_tokens: int = 0
     truncated_rows: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message"}
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message", "text"}
 
     def rejected_by_reason(self) -> Counter:
         return Counter(r["reason"] for r in self.rejected)
@@ -37,7 +37,7 @@ class DatasetSummary:
     def format_rejects(self, limit: int = 20) -> str:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejected_by_reason().items()))
         lines = [f"{len(self.rejected)} bad row(s) in {self.path} ({counts})"]
-        lines += [f"  {self.path}:{r['line']}: {r['message']}" for r in self.rejected[:limit]]
+        lines += [f"  {self.path}:{r['line']}: {r['message']} [{r['reason']}]" for r in self.rejected[:limit]]
         if len(self.rejected) > limit:
             lines.append(f"  ... and {len(self.rejected) - limit} more")
         return "\n".join(lines)
@@ -79,6 +79,7 @@ class RowEncoder:
                 "truncated",
                 "error_reason",
                 "error_message",
+                "rejected_text",
             )
         }
         for line, text in zip(batch["line"], batch["text"], strict=True):
@@ -90,6 +91,7 @@ class RowEncoder:
                 out[key].append(encoded.get(key, default))
             out["error_reason"].append(encoded["error_reason"])
             out["error_message"].append(encoded["error_message"])
+            out["rejected_text"].append(text if encoded["error_reason"] else "")
         return out
 
 
@@ -106,7 +108,12 @@ def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:
                 items.append({"line": number, "text": raw.decode("utf-8")})
             except UnicodeDecodeError as e:
                 summary.rejected.append(
-                    {"line": number, "reason": "invalid_utf8", "message": f"invalid UTF-8 at byte {e.start}"}
+                    {
+                        "line": number,
+                        "reason": "invalid_utf8",
+                        "message": f"invalid UTF-8 at byte {e.start}",
+                        "text": raw.decode("utf-8", errors="replace"),
+                    }
                 )
     return items
 
@@ -135,7 +142,7 @@ def build_datasets(
     summary = DatasetSummary(path=str(data_path))
     items = _read_lines(path, summary)
     if not items and not summary.rejected:
-        raise DataError(f"{data_path}: no rows (the file is empty)", "empty_file")
+        raise DataError(f"{data_path}: no rows (only blank lines)", "empty_file")
 
     encoded = (
         ray.data.from_items(items)
@@ -148,11 +155,19 @@ def build_datasets(
         )
         .materialize()
     )
-    status = encoded.select_columns(
-        ["line", "error_reason", "error_message", "num_tokens", "num_trained", "truncated"]
-    ).to_pandas()
-    for row in status[status.error_reason != ""].itertuples():
-        summary.rejected.append({"line": int(row.line), "reason": row.error_reason, "message": row.error_message})
+    status = encoded.select_columns(["line", "error_reason", "num_tokens", "num_trained", "truncated"]).to_pandas()
+    rejects = encoded.filter(lambda r: r["error_reason"] != "").select_columns(
+        ["line", "error_reason", "error_message", "rejected_text"]
+    )
+    for row in rejects.iter_rows():
+        summary.rejected.append(
+            {
+                "line": int(row["line"]),
+                "reason": row["error_reason"],
+                "message": row["error_message"],
+                "text": row["rejected_text"],
+            }
+        )
     summary.rejected.sort(key=lambda r: r["line"])
 
     good = status[status.error_reason == ""]

@@ -10,6 +10,10 @@ Features and limits, plainly:
 - Checkpoints every save_steps and at the end (final/), reported to Ray Train; resume restores
   weights, optimizer, scheduler, RNG and the position in the data (bit-exact with 1 worker; with
   several, Ray Data's streaming split may hand rows to workers in another order after a restart).
+- Resume takes Ray's newest registered checkpoint (a restart after a worker failure) or else the
+  newest intact one in output_dir; a torn or corrupted checkpoint is skipped with a warning.
+- A step whose loss or gradient norm is not finite applies no update; it is counted (skipped_steps)
+  and the run stops after --max_bad_steps such steps in a row, before anything non-finite is saved.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import torch.nn.functional as F
 from sftcore.checkpoint import (
     ADAPTER_DIR,
     TrainerState,
+    checkpoint_problem,
     load_training_state,
+    newest_checkpoint,
     prune_checkpoints,
     read_trainer_state,
     save_checkpoint,
@@ -42,6 +48,14 @@ from sftcore.tracking import MetricsLogger, stable_run_id
 
 logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER_ROWS = 256
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps with a NaN/inf loss or gradient."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written or uploaded (disk full, permissions, storage down)."""
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -124,7 +138,6 @@ class Trainer:
         self.cfg = TrainConfig(**loop_config["train_config"])
         self.total_steps: int = loop_config["total_steps"]
         self.steps_per_epoch: int = loop_config["steps_per_epoch"]
-        self.resume_from: str | None = loop_config["resume_from"]
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -145,10 +158,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.state = TrainerState(total_steps=self.total_steps, wandb_run_id=stable_run_id(cfg.output_dir))
 
-        # Ray's own checkpoint (a restart within this run) wins over the one the driver found on disk.
-        checkpoint = ray.train.get_checkpoint() or (
-            ray.train.Checkpoint(self.resume_from) if self.resume_from else None
-        )
+        self.consecutive_bad_steps = 0
+        checkpoint = self._checkpoint_to_resume()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
             resume_dir = Path(resume_dir) if resume_dir else None
             model = build_model(cfg, resume_dir)
@@ -159,10 +170,11 @@ class Trainer:
             if resume_dir is not None:
                 load_training_state(resume_dir, self.optimizer, self.scheduler)
                 saved = read_trainer_state(resume_dir)
-                self.state.step, self.state.epoch, self.state.step_in_epoch = (
+                self.state.step, self.state.epoch, self.state.step_in_epoch, self.state.skipped_steps = (
                     saved.step,
                     saved.epoch,
                     saved.step_in_epoch,
+                    saved.skipped_steps,
                 )
                 if self.rank == 0:
                     logger.warning("resumed from %s at step %d", checkpoint.path, saved.step)
@@ -174,6 +186,23 @@ class Trainer:
             if self.rank == 0
             else None
         )
+
+    def _checkpoint_to_resume(self) -> Any:
+        """Ray's newest registered checkpoint (set after a worker failure, or by Ray's own run
+        restoration) if intact, else the newest intact one in output_dir (resume auto, or a restart)."""
+        import ray.train
+
+        registered = ray.train.get_checkpoint()
+        if registered is not None:
+            with registered.as_directory() as directory:
+                problem = checkpoint_problem(Path(directory))
+            if problem is None:
+                return registered
+            logger.warning("Ray's checkpoint %s is unusable (%s); looking for an older one", registered.path, problem)
+        if self.cfg.resume == "never" and registered is None:
+            return None
+        found = newest_checkpoint(Path(self.cfg.output_dir))
+        return ray.train.Checkpoint(str(found)) if found else None
 
     def _epoch_batches(self, epoch: int):
         return self.train_shard.iter_batches(
@@ -199,24 +228,47 @@ class Trainer:
                 batch_loss, _ = token_losses(self.model, batch)
                 (batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {self.state.step + 1}")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))
         local_tokens = sum(b["attention_mask"].sum() for b in micro_batches)
         total_loss, tokens = all_reduce_sum([loss_sum, local_tokens], self.device)
+        lr = self.scheduler.get_last_lr()[0]
+        # Both numbers are global (gradients are all-reduced), so every rank takes the same branch.
+        finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
+        if finite:
+            self.optimizer.step()
+            self.consecutive_bad_steps = 0
+        else:
+            self.state.skipped_steps += 1
+            self.consecutive_bad_steps += 1
+            self._check_bad_steps()
+        self.scheduler.step()  # the schedule follows the step count (and the data), skipped or not
+        self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         return {
             "loss": total_loss / max(global_trained, 1.0),
             "learning_rate": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "tokens_per_second": tokens / elapsed,
             "trained_tokens_per_second": global_trained / elapsed,
             "trained_tokens": int(global_trained),
+            "skipped_steps": self.state.skipped_steps,
         }
+
+    def _check_bad_steps(self) -> None:
+        step = self.state.step + 1
+        if self.rank == 0:
+            logger.warning(
+                "step %d: non-finite loss or gradient; no update applied (%d such steps so far, %d in a row)",
+                step,
+                self.state.skipped_steps,
+                self.consecutive_bad_steps,
+            )
+        if self.consecutive_bad_steps > self.cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive_bad_steps} consecutive steps (up to step {step}) had a non-finite loss or "
+                f"gradient; stopped before saving non-finite weights. Lower --learning_rate or look for broken "
+                f"rows; --max_bad_steps {self.cfg.max_bad_steps} sets how many are tolerated in a row"
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -244,22 +296,34 @@ class Trainer:
         import ray.train
 
         name = "final" if final else f"checkpoint-{self.state.step}"
-        with tempfile.TemporaryDirectory(prefix="sftcore-ckpt-") as tmp:
-            checkpoint = None
-            if self.rank == 0:
-                save_checkpoint(
-                    Path(tmp),
-                    self.model,
-                    self.tokenizer,
-                    self.optimizer,
-                    self.scheduler,
-                    self.state,
-                    self.cfg.__dict__,
-                    self.cfg.use_lora,
-                    export_merged=final,
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": self.state.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise NonFiniteLossError(f"step {self.state.step}: trainable weights are not finite; not saving {name}")
+        destination = Path(self.cfg.output_dir) / name
+        try:
+            with tempfile.TemporaryDirectory(prefix="sftcore-ckpt-") as tmp:
+                checkpoint = None
+                if self.rank == 0:
+                    save_checkpoint(
+                        Path(tmp),
+                        self.model,
+                        self.tokenizer,
+                        self.optimizer,
+                        self.scheduler,
+                        self.state,
+                        self.cfg.__dict__,
+                        self.cfg.use_lora,
+                        export_merged=final,
+                    )
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({**metrics, "step": self.state.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+        except OSError as e:
+            previous = newest_checkpoint(Path(self.cfg.output_dir)) if self.rank == 0 else None
+            raise CheckpointWriteError(
+                f"could not write checkpoint {destination}: {e.strerror or e}"
+                + (f" ({e.filename})" if getattr(e, "filename", None) else "")
+                + f"; the newest usable checkpoint is {previous or 'none'}; free space or fix the storage, "
+                "then rerun the same command to continue from it"
+            ) from e
         if self.rank == 0 and not final:
             prune_checkpoints(Path(self.cfg.output_dir), self.cfg.save_total_limit)
 
@@ -269,16 +333,14 @@ class Trainer:
         self.metrics.log(row)
         if "loss" in row:
             eta = f" eta {eta_s / 60:.1f}m" if eta_s is not None else ""
-            print(
+            logger.info(
                 f"step {row['step']}/{self.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.2e} "
-                f"tok/s {row['tokens_per_second']:.0f}{eta}",
-                flush=True,
+                f"tok/s {row['tokens_per_second']:.0f}{eta}"
             )
         else:
-            print(
+            logger.info(
                 f"step {row['step']} eval_loss {row['eval_loss']:.4f} "
-                f"ppl {row['eval_perplexity']:.2f} acc {row['eval_token_accuracy']:.3f}",
-                flush=True,
+                f"ppl {row['eval_perplexity']:.2f} acc {row['eval_token_accuracy']:.3f}"
             )
 
     def train(self) -> None:

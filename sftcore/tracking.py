@@ -12,6 +12,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+ROLLED_BACK_FILE = "metrics_rolled_back.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
 
@@ -27,16 +28,43 @@ def _has_wandb_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _roll_back(path: Path, resumed_step: int) -> None:
+    """Move rows past resumed_step (steps trained after the checkpoint, then lost to a crash or stop)
+    from metrics.jsonl to metrics_rolled_back.jsonl, marked, so metrics.jsonl holds each step once."""
+    rows, torn = [], False
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # the last line of a process killed mid-write
+            torn = True
+            logger.warning("dropping a torn line from %s: %r", path, line[:80])
+    later = [r for r in rows if r["step"] > resumed_step]
+    if later:
+        with (path.parent / ROLLED_BACK_FILE).open("a") as f:
+            f.writelines(json.dumps({**r, "rolled_back_to_step": resumed_step}) + "\n" for r in later)
+        logger.warning(
+            "steps %d-%d were trained after the checkpoint at step %d and will be trained again; "
+            "their first metrics moved to %s",
+            min(r["step"] for r in later),
+            max(r["step"] for r in later),
+            resumed_step,
+            ROLLED_BACK_FILE,
+        )
+    if later or torn:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resumed_step))
+        tmp.replace(path)
+
+
 class MetricsLogger:
-    """Rank 0's sink for metrics. On resume, rows past the resumed step are dropped so the file reads
-    like one uninterrupted run."""
+    """Rank 0's sink for metrics. On resume, rows past the resumed step are moved aside (marked) so
+    metrics.jsonl reads like one uninterrupted run."""
 
     def __init__(self, output_dir: str, resumed_step: int, report_to: str, project: str, run_config: dict):
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            _roll_back(self.path, resumed_step)
         self.run = None
         if report_to == "wandb":
             import wandb

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,93 @@ def qwen_tokenizer():
 @pytest.fixture(scope="session")
 def think_tokenizer():
     return _tokenizer_with_template(template_text("think_strip"))
+
+
+# --- training runs (tests/test_train.py, tests/test_faults.py) ---
+
+
+def save_tiny_model(path: Path, tokenizer, poisoned_token_id: int | None = None) -> str:
+    """A 2-layer random model with SmolLM2's architecture and tokenizer (ChatML template). With
+    poisoned_token_id, that token's input embedding is inf, so any row containing it has a NaN loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=poisoned_token_id is None,  # a poisoned tied head would poison every row
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    if poisoned_token_id is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[poisoned_token_id] = float("inf")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"), smollm2_tokenizer)
+
+
+def write_rows(path, count: int) -> str:
+    rows = [
+        {
+            "input": f"Question {i}: what is {i} + {i}?",
+            "output": [
+                {"role": "assistant", "content": f"Thought: add them.\nAction: calc[{i}+{i}]"},
+                {"role": "user", "content": f"Observation: {2 * i}"},
+                {"role": "assistant", "content": "The answer is " + str(2 * i) + "." * (i % 5 + 1)},
+            ],
+        }
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train_command(output_dir, *args: str) -> list[str]:
+    return [sys.executable, "workflows/train.py", "--output_dir", str(output_dir), *args]
+
+
+def train_env(env: dict[str, str | None] | None = None) -> dict[str, str]:
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    return {k: v for k, v in full_env.items() if v is not None}  # None: unset
+
+
+def train(output_dir, *args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """workflows/train.py run to completion in a subprocess (its own in-process Ray)."""
+    return subprocess.run(
+        train_command(output_dir, *args), cwd=REPO, capture_output=True, text=True, timeout=600, env=train_env(env)
+    )
+
+
+def losses(output_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+COMMON = [
+    "--validation_split",
+    "0",
+    "--lr_scheduler",
+    "constant",
+    "--warmup_ratio",
+    "0",
+    "--learning_rate",
+    "1e-3",
+    "--max_seq_length",
+    "256",
+]

@@ -3,84 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import COMMON, losses, train, write_rows
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, smollm2_tokenizer):
-    """A 2-layer random model with SmolLM2's architecture and tokenizer (ChatML template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=smollm2_tokenizer.bos_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def write_rows(path, count: int) -> str:
-    rows = [
-        {
-            "input": f"Question {i}: what is {i} + {i}?",
-            "output": [
-                {"role": "assistant", "content": f"Thought: add them.\nAction: calc[{i}+{i}]"},
-                {"role": "user", "content": f"Observation: {2 * i}"},
-                {"role": "assistant", "content": "The answer is " + str(2 * i) + "." * (i % 5 + 1)},
-            ],
-        }
-        for i in range(count)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def train(output_dir, *args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "workflows/train.py", "--output_dir", str(output_dir), *args]
-    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=full_env)
-
-
-def losses(output_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-COMMON = [
-    "--validation_split",
-    "0",
-    "--lr_scheduler",
-    "constant",
-    "--warmup_ratio",
-    "0",
-    "--learning_rate",
-    "1e-3",
-    "--max_seq_length",
-    "256",
-]
 
 
 def test_two_workers_train_exactly_like_one_worker_with_the_same_global_batch(tmp_path, tiny_model):

@@ -16,24 +16,32 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from sftcore.checkpoint import is_complete, read_trainer_state
+from sftcore.checkpoint import newest_checkpoint, read_trainer_state
 from sftcore.config import TrainConfig, parse_config
-from sftcore.data import DataError
+from sftcore.data import DataError, check_readable_file
 from sftcore.tracking import plot_loss_curve
 
 logger = logging.getLogger("sftcore.train")
+REJECTED_FILE = "rejected_rows.jsonl"
 
 
 class UsageError(Exception):
     """A problem with the command line or the environment; printed as one line, exit code 2."""
 
 
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint (checkpoint-N or final) with the highest step, if any."""
-    candidates = [p for p in output_dir.glob("checkpoint-*") if is_complete(p)]
-    if is_complete(output_dir / "final"):
-        candidates.append(output_dir / "final")
-    return max(candidates, key=lambda p: read_trainer_state(p).step, default=None)
+class TrainingFailed(Exception):
+    """Training started and failed (after any restarts --max_failures allowed); exit code 1."""
+
+
+def training_failure_message(error: Exception, output_dir: Path) -> str:
+    """The root cause on each failed worker, in one line each, plus where the run can continue from."""
+    failures = getattr(error, "worker_failures", None) or {}
+    causes = [f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items())]
+    if not causes:
+        causes = [str(error).strip().splitlines()[-1]]
+    resume = newest_checkpoint(output_dir)
+    where = f"rerun the same command to continue from {resume}" if resume else "no checkpoint was saved yet"
+    return "training failed\n  " + "\n  ".join(causes) + f"\n{where}"
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
@@ -65,7 +73,11 @@ def init_ray(cfg: TrainConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env)
     else:
         ray.init(include_dashboard=False, runtime_env=runtime_env)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Rows in file order whatever actor finishes first: the same seed gives the same run, and a
+    # resumed run sees the data in the order the interrupted one did.
+    context.execution_options.preserve_order = True
 
 
 def plan_steps(cfg: TrainConfig, train_rows: int) -> tuple[int, int]:
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def run(cfg: TrainConfig) -> int:
@@ -99,6 +114,7 @@ def run(cfg: TrainConfig) -> int:
     from sftcore.dataset import build_datasets
     from sftcore.loop import train_loop_per_worker
 
+    check_readable_file(cfg.data_path)  # fail in a second, not after Ray has started
     output_dir = check_output_dir(cfg)
     cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
     init_ray(cfg)
@@ -116,13 +132,13 @@ def run(cfg: TrainConfig) -> int:
         trust_remote_code=cfg.trust_remote_code,
     )
     if summary.rejected:
+        rejected_path = output_dir / REJECTED_FILE
+        rejected_path.write_text("".join(json.dumps(r) + "\n" for r in summary.rejected))
         if cfg.on_bad_rows == "error":
             raise UsageError(
-                summary.format_rejects() + "\nfix these lines, or pass --on_bad_rows skip to train "
-                "on the valid rows only"
+                f"{summary.format_rejects(limit=100)}\nevery bad line, with its reason: {rejected_path}\n"
+                "fix these lines, or pass --on_bad_rows skip to train on the valid rows only"
             )
-        rejected_path = output_dir / "rejected_rows.jsonl"
-        rejected_path.write_text("".join(json.dumps(r) + "\n" for r in summary.rejected))
         logger.warning("%s\nskipped them (--on_bad_rows skip); written to %s", summary.format_rejects(5), rejected_path)
     if summary.train_rows == 0:
         raise UsageError(f"{cfg.data_path}: no valid rows to train on")
@@ -143,8 +159,7 @@ def run(cfg: TrainConfig) -> int:
         steps_per_epoch,
     )
 
-    resume_from = newest_checkpoint(output_dir) if cfg.resume == "auto" else None
-    if resume_from is not None:
+    if cfg.resume == "auto" and (resume_from := newest_checkpoint(output_dir)) is not None:
         logger.info("continuing from %s (step %d)", resume_from, read_trainer_state(resume_from).step)
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
     trainer = TorchTrainer(
@@ -153,7 +168,6 @@ def run(cfg: TrainConfig) -> int:
             "train_config": asdict(cfg),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
-            "resume_from": str(resume_from) if resume_from else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
@@ -163,11 +177,15 @@ def run(cfg: TrainConfig) -> int:
             storage_path=str(output_dir.parent),
             # retention is ours (prune_checkpoints): Ray's num_to_keep would count final/ as a checkpoint
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailed(training_failure_message(e, output_dir)) from None
     curve = plot_loss_curve(str(output_dir))
     final = output_dir / "final"
     print(f"done: final model at {final}" + (f", loss curve at {curve}" if curve else ""))

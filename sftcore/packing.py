@@ -1,0 +1,60 @@
+"""Packing: whole encoded rows into sequences of at most max_seq_length tokens, with position ids
+that restart at 0 for each row, so transformers masks attention block-diagonally (rows never see
+each other) and no token is spent on padding.
+
+Packs are built by best-fit decreasing within windows of consecutive rows (Ray Data batches, in file
+order), so packing is deterministic: the same data and options give the same packs, which is what
+makes a resumed run see the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import numpy as np
+
+from sftcore.masking import IGNORE_INDEX
+
+PACK_WINDOW_ROWS = 4096  # rows packed together; larger windows fill packs better and cost more memory
+
+
+def best_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
+    """Bins of row indices whose lengths sum to at most budget; each row goes, longest first, into the
+    fullest bin it still fits in (a new bin when none). Deterministic: ties keep input order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for i in order:
+        if lengths[i] > budget:
+            raise ValueError(f"row of {lengths[i]} tokens exceeds the pack budget of {budget}")
+        slot = bisect.bisect_left(free, (lengths[i], -1))
+        if slot == len(free):
+            bins.append([i])
+            bisect.insort(free, (budget - lengths[i], len(bins) - 1))
+        else:
+            room, b = free.pop(slot)
+            bins[b].append(i)
+            bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def pack_rows(batch: dict[str, np.ndarray], budget: int) -> dict[str, Any]:
+    """Ray Data map_batches function: encoded rows in, packs out (input_ids, labels, position_ids,
+    num_tokens, num_trained, num_rows). The first label of every row is masked: in a pack it would
+    otherwise be predicted from the end of the previous row."""
+    lengths = [len(ids) for ids in batch["input_ids"]]
+    packs: dict[str, list] = {k: [] for k in ("input_ids", "labels", "position_ids", "num_tokens", "num_trained")}
+    packs["num_rows"] = []
+    for members in best_fit_decreasing(lengths, budget):
+        members.sort()  # file order inside a pack
+        labels = [np.asarray(batch["labels"][i], dtype=np.int64).copy() for i in members]
+        for row_labels in labels:
+            row_labels[0] = IGNORE_INDEX
+        packs["input_ids"].append(np.concatenate([np.asarray(batch["input_ids"][i]) for i in members]))
+        packs["labels"].append(np.concatenate(labels))
+        packs["position_ids"].append(np.concatenate([np.arange(lengths[i], dtype=np.int32) for i in members]))
+        packs["num_tokens"].append(sum(lengths[i] for i in members))
+        packs["num_trained"].append(int(sum(int(batch["num_trained"][i]) for i in members)))
+        packs["num_rows"].append(len(members))
+    return packs

@@ -1,0 +1,23 @@
+"""Model loading trusts no code from a model repo unless the user says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftcore.config import TrainConfig
+from sftcore.loop import build_model
+
+
+def test_remote_code_in_a_model_directory_is_refused_by_default(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    cfg = TrainConfig(data_path="unused.jsonl", model_name_or_path=str(tmp_path))
+    assert cfg.trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        build_model(cfg, resume_dir=None)
+    assert not marker.exists()
