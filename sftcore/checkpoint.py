@@ -48,10 +48,6 @@ class TrainerState:
     wandb_run_id: str | None = None
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def save_checkpoint(
     directory: Path,
     model: torch.nn.Module,
@@ -65,7 +61,6 @@ def save_checkpoint(
 ) -> None:
     """Write everything needed to resume exactly (and, with export_merged, a standalone HF model)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
     if use_lora:
         model.save_pretrained(directory / ADAPTER_DIR)
         if export_merged:  # only for final/, the model's last use: merging in place is fine

@@ -28,9 +28,24 @@ class TrainConfig:
     num_epochs: int = _opt(3, "passes over the training split (ignored when --max_steps is set)")
     max_steps: int | None = _opt(None, "total optimizer steps; overrides --num_epochs")
     validation_split: float = _opt(0.1, "fraction of valid rows held out for evaluation (0 disables eval)")
-    per_device_batch_size: int = _opt(2, "rows per micro-batch on each worker")
+    per_device_batch_size: int = _opt(
+        2,
+        "sequences per micro-batch on each worker (packs of up to --max_seq_length tokens, or rows)",
+    )
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step on each worker")
     max_seq_length: int = _opt(4096, "longer rows are cut after the last whole assistant turn that fits")
+    packing: bool = _opt(
+        True, "pack whole rows into sequences of --max_seq_length tokens (rows never attend to each other)"
+    )
+    attn_implementation: str = _opt(
+        "sdpa",
+        "attention kernel; packing masks rows apart with each (flash_attention_2 needs flash-attn installed)",
+        ("sdpa", "eager", "flash_attention_2"),
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "recompute activations in backward: less memory, about a third more compute"
+    )
+    torch_compile: bool = _opt(False, "torch.compile the model (GPU; the first steps are slow while it compiles)")
     learning_rate: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     lr_scheduler: str = _opt("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))

@@ -18,8 +18,9 @@ rendering code never has to guess.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,33 @@ class LineResult:
     line: int
     row: dict[str, Any] | None = None
     error: DataError | None = None
+
+
+@dataclass
+class LineCounts:
+    """Where the lines of a data file went: blank, rejected (with line number, reason and message), or a
+    row. Shared by the training pipeline and the inspection report, so both count the same way."""
+
+    path: str
+    lines: int = 0
+    blank_lines: int = 0
+    truncated_rows: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message"[, "text"]}
+
+    def reject(self, line: int, error: DataError, text: str | None = None) -> None:
+        entry = {"line": line, "reason": error.reason, "message": str(error)}
+        self.rejected.append(entry if text is None else {**entry, "text": text})
+
+    def rejected_by_reason(self) -> Counter:
+        return Counter(r["reason"] for r in self.rejected)
+
+    def format_rejects(self, limit: int = 20) -> str:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejected_by_reason().items()))
+        lines = [f"{len(self.rejected)} bad row(s) in {self.path} ({counts})"]
+        lines += [f"  {self.path}:{r['line']}: {r['message']} [{r['reason']}]" for r in self.rejected[:limit]]
+        if len(self.rejected) > limit:
+            lines.append(f"  ... and {len(self.rejected) - limit} more")
+        return "\n".join(lines)
 
 
 def _text_content(content: Any, where: str) -> str | None:

@@ -7,40 +7,26 @@ rejected row with its line number and reason.
 from __future__ import annotations
 
 import random
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sftcore.data import DataError, check_readable_file, parse_line, parse_row
+from sftcore.data import DataError, LineCounts, check_readable_file, parse_line, parse_row
 from sftcore.masking import IGNORE_INDEX, encode_conversation
 from sftcore.models import load_tokenizer
+from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
 
 
 @dataclass
-class DatasetSummary:
-    path: str
-    lines: int = 0
-    blank_lines: int = 0
+class DatasetSummary(LineCounts):
     train_rows: int = 0
     validation_rows: int = 0
     train_tokens: int = 0
     train_trained_tokens: int = 0
-    truncated_rows: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message", "text"}
-
-    def rejected_by_reason(self) -> Counter:
-        return Counter(r["reason"] for r in self.rejected)
-
-    def format_rejects(self, limit: int = 20) -> str:
-        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejected_by_reason().items()))
-        lines = [f"{len(self.rejected)} bad row(s) in {self.path} ({counts})"]
-        lines += [f"  {self.path}:{r['line']}: {r['message']} [{r['reason']}]" for r in self.rejected[:limit]]
-        if len(self.rejected) > limit:
-            lines.append(f"  ... and {len(self.rejected) - limit} more")
-        return "\n".join(lines)
+    train_sequences: int = 0  # what a worker iterates over: packs, or rows without packing
+    packing_efficiency: float | None = None  # real tokens / (packs x max_seq_length)
 
 
 class RowEncoder:
@@ -107,14 +93,8 @@ def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:
             try:
                 items.append({"line": number, "text": raw.decode("utf-8")})
             except UnicodeDecodeError as e:
-                summary.rejected.append(
-                    {
-                        "line": number,
-                        "reason": "invalid_utf8",
-                        "message": f"invalid UTF-8 at byte {e.start}",
-                        "text": raw.decode("utf-8", errors="replace"),
-                    }
-                )
+                error = DataError(f"invalid UTF-8 at byte {e.start}", "invalid_utf8")
+                summary.reject(number, error, raw.decode("utf-8", errors="replace"))
     return items
 
 
@@ -134,8 +114,10 @@ def build_datasets(
     seed: int,
     encoder_concurrency: int = 1,
     trust_remote_code: bool = False,
+    packing: bool = True,
 ) -> tuple[Any, Any | None, DatasetSummary]:
-    """(train dataset, validation dataset or None, summary). Datasets hold line, input_ids, labels, counts."""
+    """(train dataset, validation dataset or None, summary). Datasets hold input_ids, labels and token
+    counts per row, or with packing per pack (plus position_ids and num_rows)."""
     import ray.data
 
     path = check_readable_file(data_path)
@@ -160,14 +142,7 @@ def build_datasets(
         ["line", "error_reason", "error_message", "rejected_text"]
     )
     for row in rejects.iter_rows():
-        summary.rejected.append(
-            {
-                "line": int(row["line"]),
-                "reason": row["error_reason"],
-                "message": row["error_message"],
-                "text": row["rejected_text"],
-            }
-        )
+        summary.reject(int(row["line"]), DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
     summary.rejected.sort(key=lambda r: r["line"])
 
     good = status[status.error_reason == ""]
@@ -181,6 +156,18 @@ def build_datasets(
 
     columns = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
     valid = encoded.filter(lambda r: r["error_reason"] == "").select_columns(columns)
-    train = valid.filter(lambda r: r["line"] not in validation_lines).materialize()
-    validation = valid.filter(lambda r: r["line"] in validation_lines).materialize() if validation_lines else None
+    train = valid.filter(lambda r: r["line"] not in validation_lines)
+    validation = valid.filter(lambda r: r["line"] in validation_lines) if validation_lines else None
+    if packing:
+        train, validation = (
+            None
+            if ds is None
+            else ds.map_batches(pack_rows, fn_kwargs={"budget": max_seq_length}, batch_size=PACK_WINDOW_ROWS)
+            for ds in (train, validation)
+        )
+    train = train.materialize()
+    validation = validation.materialize() if validation is not None else None
+    summary.train_sequences = train.count()
+    if packing:
+        summary.packing_efficiency = summary.train_tokens / max(1, summary.train_sequences * max_seq_length)
     return train, validation, summary

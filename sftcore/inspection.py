@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 import html
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftcore.data import DataError, parse_row, read_jsonl
+from sftcore.data import DataError, LineCounts, parse_row, read_jsonl
 from sftcore.masking import IGNORE_INDEX, encode_conversation
 
 _GREEN, _DIM, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 
 
 @dataclass
-class DataReport:
-    path: str
-    lines: int = 0
-    blank_lines: int = 0
+class DataReport(LineCounts):
     rows: int = 0  # rows that will be trained on
     messages: int = 0
     trained_turns: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    truncated_rows: int = 0
     dropped_turns: int = 0
-    # reason -> [(line, message)]; "too_long" rows are valid but have nothing left to train
-    rejected: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: defaultdict(list))
     examples: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-
-    @property
-    def rejected_rows(self) -> int:
-        return sum(len(v) for v in self.rejected.values())
 
 
 def inspect_file(
@@ -50,7 +39,7 @@ def inspect_file(
             conv = parse_row(result.row)
             encoded = encode_conversation(conv, tokenizer, max_seq_length)
         except DataError as e:
-            report.rejected[e.reason].append((result.line, str(e)))
+            report.reject(result.line, e)
             continue
         report.rows += 1
         report.messages += len(conv.messages)
@@ -69,17 +58,18 @@ def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
     out = [
         f"{report.path}",
         f"  lines: {report.lines} ({report.blank_lines} blank)",
-        f"  rows to train: {report.rows}   rejected: {report.rejected_rows}",
+        f"  rows to train: {report.rows}   rejected: {len(report.rejected)}",
         f"  messages: {report.messages}   trained assistant turns: {report.trained_turns}",
         f"  tokens: {report.tokens}   trained tokens: {report.trained_tokens} ({trained_pct:.1f}%)",
         f"  mean tokens/row: {report.tokens / max(report.rows, 1):.0f}",
         f"  truncated rows: {report.truncated_rows} (assistant turns dropped by truncation: {report.dropped_turns})",
     ]
-    for reason, entries in sorted(report.rejected.items()):
-        out.append(f"  rejected [{reason}]: {len(entries)}")
-        out += [f"    {report.path}:{line}: {message}" for line, message in entries[:max_lines_per_reason]]
-        if len(entries) > max_lines_per_reason:
-            out.append(f"    ... and {len(entries) - max_lines_per_reason} more")
+    for reason, count in sorted(report.rejected_by_reason().items()):
+        entries = [r for r in report.rejected if r["reason"] == reason]
+        out.append(f"  rejected [{reason}]: {count}")
+        out += [f"    {report.path}:{r['line']}: {r['message']}" for r in entries[:max_lines_per_reason]]
+        if count > max_lines_per_reason:
+            out.append(f"    ... and {count - max_lines_per_reason} more")
     return "\n".join(out)
 
 

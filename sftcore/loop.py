@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from sftcore.checkpoint import (
     ADAPTER_DIR,
@@ -58,33 +59,90 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written or uploaded (disk full, permissions, storage down)."""
 
 
+LOSS_CHUNK_TOKENS = 1024  # trained positions per LM-head chunk: bounds the logits held at once
+
+
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch of variable-length rows; padding is masked out of attention and loss."""
+    """Right-pad a micro-batch of rows, or of packs, into [batch, longest] tensors.
+
+    Rows get an attention mask. Packs get position ids instead (restarting at 0 for each row inside,
+    and for the padding tail), from which transformers builds a block-diagonal causal mask."""
+    packed = "position_ids" in batch
     lengths = [len(ids) for ids in batch["input_ids"]]
     width = max(lengths)
     input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
     labels = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask_or_positions = torch.zeros((len(lengths), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
         input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
+        if packed:
+            mask_or_positions[i, : len(ids)] = torch.as_tensor(batch["position_ids"][i], dtype=torch.long)
+            mask_or_positions[i, len(ids) :] = torch.arange(width - len(ids))
+        else:
+            mask_or_positions[i, : len(ids)] = 1
     return {
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),
-        "attention_mask": attention_mask.to(device),
+        ("position_ids" if packed else "attention_mask"): mask_or_positions.to(device),
+        "num_tokens": torch.tensor(sum(lengths), device=device),
     }
+
+
+def _chunk_loss(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+    return loss_sum, (logits.argmax(-1) == targets).sum()
+
+
+class TrainedTokenLoss(torch.nn.Module):
+    """A causal LM whose forward returns (sum of next-token cross-entropy over trained positions,
+    number of correct argmax predictions there).
+
+    The LM head runs only on trained positions, in chunks recomputed in backward, so logits memory
+    scales with LOSS_CHUNK_TOKENS, not with sequence length x vocabulary. Models that post-process
+    logits (soft-capping, scaling) take the plain full-logits path."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = causal_lm.config
+        self.full_logits = bool(
+            getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+        )
+        self.decoder = None if self.full_logits else causal_lm.get_decoder()
+        self.head = causal_lm.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        targets = labels[:, 1:]
+        trained = targets != IGNORE_INDEX
+        if self.full_logits:
+            logits = self.model(**inputs, use_cache=False).logits[:, :-1][trained].float()
+            loss_sum = F.cross_entropy(logits, targets[trained], reduction="sum")
+            return loss_sum, (logits.argmax(-1) == targets[trained]).sum()
+        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][trained]
+        loss_sum = correct = torch.zeros((), device=input_ids.device)
+        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets[trained].split(LOSS_CHUNK_TOKENS), strict=True):
+            chunk_loss, chunk_correct = torch.utils.checkpoint.checkpoint(
+                _chunk_loss, self.head, h, t, use_reentrant=False
+            )
+            loss_sum, correct = loss_sum + chunk_loss, correct + chunk_correct
+        return loss_sum, correct
 
 
 def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over trained positions, number of correct argmax predictions)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].flatten(0, 1).float()
-    targets = batch["labels"][:, 1:].flatten()
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    trained = targets != IGNORE_INDEX
-    correct = (logits.argmax(-1)[trained] == targets[trained]).sum()
-    return loss_sum, correct
+    return model(**{k: v for k, v in batch.items() if k != "num_tokens"})
 
 
 def trained_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,7 +160,14 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     source = resume_dir if (resume_dir is not None and not cfg.use_lora) else resolve_model_path(cfg.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=torch.float32,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.use_lora:
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -162,8 +227,10 @@ class Trainer:
         checkpoint = self._checkpoint_to_resume()
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
             resume_dir = Path(resume_dir) if resume_dir else None
-            model = build_model(cfg, resume_dir)
-            self.model = ray.train.torch.prepare_model(model)
+            self.lm = build_model(cfg, resume_dir)
+            self.model = ray.train.torch.prepare_model(TrainedTokenLoss(self.lm))
+            if cfg.torch_compile:  # packs vary in length: dynamic shapes, not one graph per length
+                self.model = torch.compile(self.model, dynamic=True)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
@@ -211,6 +278,7 @@ class Trainer:
             drop_last=True,
             local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
             local_shuffle_seed=self.cfg.seed + epoch,
+            prefetch_batches=2,
         )
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -229,7 +297,7 @@ class Trainer:
                 (batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))
-        local_tokens = sum(b["attention_mask"].sum() for b in micro_batches)
+        local_tokens = sum(b["num_tokens"] for b in micro_batches)
         total_loss, tokens = all_reduce_sum([loss_sum, local_tokens], self.device)
         lr = self.scheduler.get_last_lr()[0]
         # Both numbers are global (gradients are all-reduced), so every rank takes the same branch.
@@ -305,7 +373,7 @@ class Trainer:
                 if self.rank == 0:
                     save_checkpoint(
                         Path(tmp),
-                        self.model,
+                        self.lm,
                         self.tokenizer,
                         self.optimizer,
                         self.scheduler,

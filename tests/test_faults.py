@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, SHARED_DATA, losses, save_tiny_model, train, train_command, train_env
+from conftest import COMMON, REPO, SHARED_DATA, losses, save_tiny_model, train, train_command, train_env
 
 from sftcore.tracking import ROLLED_BACK_FILE, stable_run_id
 
@@ -38,16 +38,9 @@ RUN = [
     "4",
     "--per_device_batch_size",
     "2",
+    *COMMON,
     "--max_seq_length",
-    "1024",
-    "--validation_split",
-    "0",
-    "--lr_scheduler",
-    "constant",
-    "--warmup_ratio",
-    "0",
-    "--learning_rate",
-    "1e-3",
+    "1024",  # the last value of a flag wins: this overrides COMMON's
 ]
 
 
@@ -230,6 +223,8 @@ def poisoned_model(tmp_path_factory, smollm2_tokenizer):
 
 
 NAN_RUN = [
+    "--packing",
+    "false",  # one row per step, so each poisoned row is exactly one bad step
     "--use_lora",
     "--per_device_batch_size",
     "1",

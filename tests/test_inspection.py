@@ -20,9 +20,9 @@ def test_report_counts_add_up_and_name_bad_lines(tmp_path, smollm2_tokenizer):
         '{"input": "long", "output": "' + "word " * 300 + '"}\n'
     )
     report = inspect_file(path, smollm2_tokenizer, max_seq_length=64)
-    assert (report.lines, report.blank_lines, report.rows, report.rejected_rows) == (5, 1, 1, 3)
-    assert report.lines == report.blank_lines + report.rows + report.rejected_rows
-    assert set(report.rejected) == {"invalid_json", "unknown_role", "too_long"}
+    assert (report.lines, report.blank_lines, report.rows, len(report.rejected)) == (5, 1, 1, 3)
+    assert report.lines == report.blank_lines + report.rows + len(report.rejected)
+    assert set(report.rejected_by_reason()) == {"invalid_json", "unknown_role", "too_long"}
     text = format_report(report)
     assert f"{path}:3: not valid JSON" in text and f"{path}:4: output[0]: unknown role 'robot'" in text
     assert f"{path}:5: too long" in text

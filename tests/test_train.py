@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 def test_two_workers_train_exactly_like_one_worker_with_the_same_global_batch(tmp_path, tiny_model):
     data = write_rows(tmp_path / "rows.jsonl", 4)  # one global batch of 4 rows: every step sees all of them
     base = ["--data_path", data, "--model_name_or_path", tiny_model, "--max_steps", "3", "--save_steps", "100", *COMMON]
+    base += ["--packing", "false"]  # rows, not packs: the batch is the 4 rows
     home = tmp_path / "home"  # no wandb credentials here: the run must go offline, not prompt
     home.mkdir()
     one = train(

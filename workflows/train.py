@@ -80,15 +80,17 @@ def init_ray(cfg: TrainConfig) -> None:
     context.execution_options.preserve_order = True
 
 
-def plan_steps(cfg: TrainConfig, train_rows: int) -> tuple[int, int]:
-    """(steps per epoch, total steps). Every worker gets train_rows // num_workers rows (equal split)."""
-    rows_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
-    steps_per_epoch = (train_rows // cfg.num_workers) // rows_per_step
+def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
+    """(steps per epoch, total steps). Every worker gets train_sequences // num_workers sequences
+    (packs, or rows without packing): Ray Data splits them equally."""
+    per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    steps_per_epoch = (train_sequences // cfg.num_workers) // per_step
     if steps_per_epoch == 0:
+        what = "packs" if cfg.packing else "rows"
         raise UsageError(
-            f"{train_rows} training rows are too few for {cfg.num_workers} worker(s) x --per_device_batch_size "
+            f"{train_sequences} training {what} are too few for {cfg.num_workers} worker(s) x --per_device_batch_size "
             f"{cfg.per_device_batch_size} x --gradient_accumulation_steps {cfg.gradient_accumulation_steps}; "
-            "lower one of them"
+            "lower one of them" + (", or pass --packing false" if cfg.packing else "")
         )
     return steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.num_epochs
 
@@ -130,6 +132,7 @@ def run(cfg: TrainConfig) -> int:
         cfg.seed,
         encoder_concurrency=max(1, min(4, int(resources.get("CPU", 1)))),
         trust_remote_code=cfg.trust_remote_code,
+        packing=cfg.packing,
     )
     if summary.rejected:
         rejected_path = output_dir / REJECTED_FILE
@@ -142,7 +145,7 @@ def run(cfg: TrainConfig) -> int:
         logger.warning("%s\nskipped them (--on_bad_rows skip); written to %s", summary.format_rejects(5), rejected_path)
     if summary.train_rows == 0:
         raise UsageError(f"{cfg.data_path}: no valid rows to train on")
-    steps_per_epoch, total_steps = plan_steps(cfg, summary.train_rows)
+    steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
     logger.info(
         "data: %d lines (%d blank, %d rejected) -> %d train rows (%d tokens, %d trained), %d validation rows; "
         "%d truncated to %d tokens; %d steps (%d per epoch)",
@@ -158,6 +161,14 @@ def run(cfg: TrainConfig) -> int:
         total_steps,
         steps_per_epoch,
     )
+    if summary.packing_efficiency is not None:
+        logger.info(
+            "packing: %d train rows -> %d packs of up to %d tokens, %.1f%% real tokens",
+            summary.train_rows,
+            summary.train_sequences,
+            cfg.max_seq_length,
+            100 * summary.packing_efficiency,
+        )
 
     if cfg.resume == "auto" and (resume_from := newest_checkpoint(output_dir)) is not None:
         logger.info("continuing from %s (step %d)", resume_from, read_trainer_state(resume_from).step)
