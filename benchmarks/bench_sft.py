@@ -1,7 +1,7 @@
 """Throughput and memory: sftcore's training step against TRL's SFTTrainer, same model, rows and lengths.
 
     pip install -e .[bench]          # TRL, for the comparison
-    python benchmarks/bench_sft.py   # CPU: a 4-layer SmolLM2-architecture model, ~15 minutes on 2 cores
+    python benchmarks/bench_sft.py   # see benchmarks/README.md for the commands and results
 
 Every configuration runs in its own fresh process (so peak memory is its own), configurations
 alternate, and each is repeated; the table shows medians. Both sides get:
@@ -39,8 +39,8 @@ DATA = REPO.parent / "shared" / "data"
 CONFIGS = ["sftcore", "sftcore_no_packing", "trl_default", "trl_packing"]
 
 
-def load_rows(path: Path, tokenizer, max_length: int, limit: int) -> list[tuple[str, list]]:
-    """(JSONL line, messages as rendered) for the first rows that fit whole in max_length."""
+def load_rows(path: Path, tokenizer, max_length: int, limit: int) -> list[tuple[str, list, int]]:
+    """(JSONL line, messages as rendered, tokens) for the first rows that fit whole in max_length."""
     from sftcore.data import DataError, parse_line, parse_row
     from sftcore.masking import adapt_to_template, encode_conversation, template_support
 
@@ -52,7 +52,8 @@ def load_rows(path: Path, tokenizer, max_length: int, limit: int) -> list[tuple[
         except DataError:
             continue
         if not encoded["truncated"]:
-            rows.append((line, adapt_to_template(conv, template_support(tokenizer)).messages))
+            messages = adapt_to_template(conv, template_support(tokenizer)).messages
+            rows.append((line, messages, len(encoded["input_ids"])))
         if len(rows) == limit:
             break
     return rows
@@ -67,6 +68,13 @@ def build_model(args, device: torch.device):
     config.num_hidden_layers = args.layers
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+
+
+def padded_batch_size(args, rows) -> int:
+    """Rows per step without packing: as many as make the tokens of --batch_size full sequences, so
+    every configuration trains about the same tokens per optimizer step."""
+    mean_tokens = sum(n for _, _, n in rows) / len(rows)
+    return max(1, round(args.batch_size * args.max_length / mean_tokens))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -86,7 +94,7 @@ def run_sftcore(args, rows, device, packing: bool) -> dict:
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     start = time.perf_counter()  # preprocessing of the same rows TRL gets: parse + render + mask + pack
-    encoded = [encode_conversation(parse_row(parse_line(line)), tokenizer, args.max_length) for line, _ in rows]
+    encoded = [encode_conversation(parse_row(parse_line(line)), tokenizer, args.max_length) for line, _, _ in rows]
     columns = {
         "input_ids": [np.asarray(e["input_ids"], dtype=np.int32) for e in encoded],
         "labels": [np.asarray(e["labels"], dtype=np.int64) for e in encoded],
@@ -104,8 +112,9 @@ def run_sftcore(args, rows, device, packing: bool) -> dict:
     count = len(sequences["input_ids"])
     tokens = trained = computed = 0
     timed_s = 0.0
+    batch_size = args.batch_size if packing else padded_batch_size(args, rows)
     for step in range(args.steps + 1):
-        index = [(step * args.batch_size + i) % count for i in range(args.batch_size)]
+        index = [(step * batch_size + i) % count for i in range(batch_size)]
         batch = collate({k: [v[i] for i in index] for k, v in sequences.items() if k != "num_rows"}, 0, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -143,7 +152,7 @@ def run_trl(args, rows, device, packing: bool) -> dict:
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     tokenizer.chat_template = GENERATION_TEMPLATE.read_text()
-    dataset = Dataset.from_list([{"messages": messages} for _, messages in rows])
+    dataset = Dataset.from_list([{"messages": messages} for _, messages, _ in rows])
     counts = {"tokens": 0, "trained": 0, "computed": 0, "timed_s": 0.0, "batches": 0}
 
     class StepTimer(TrainerCallback):
@@ -162,7 +171,7 @@ def run_trl(args, rows, device, packing: bool) -> dict:
         config = SFTConfig(
             output_dir=out,
             max_steps=args.steps + 1,
-            per_device_train_batch_size=args.batch_size,
+            per_device_train_batch_size=args.batch_size if packing else padded_batch_size(args, rows),
             max_length=args.max_length,
             packing=packing,
             assistant_only_loss=True,
@@ -215,7 +224,8 @@ def run_one(args) -> None:
     rows = load_rows(args.data, load_tokenizer("smollm2-135m-instruct"), args.max_length, args.rows)
     runner = run_trl if args.config.startswith("trl") else run_sftcore
     result = runner(args, rows, device, packing=args.config in ("sftcore", "trl_packing"))
-    print("RESULT " + json.dumps({"config": args.config, "rows": len(rows), **result}), flush=True)
+    extra = {"config": args.config, "rows": len(rows), "padded_batch_size": padded_batch_size(args, rows)}
+    print("RESULT " + json.dumps({**extra, **result}), flush=True)
 
 
 def summarize(results: list[dict]) -> dict:
@@ -265,11 +275,12 @@ def main() -> None:
 
 
 def print_table(name: str, args, results: dict[str, list[dict]]) -> None:
-    rows = results[next(iter(results))][0]["rows"]
+    first = results[next(iter(results))][0]
     device = "cuda" if torch.cuda.is_available() else f"cpu x{args.threads}"
     print(
-        f"\n{name}: {rows} rows, max_length {args.max_length}, {args.batch_size} sequences/step, "
-        f"{args.steps} timed steps, {args.layers}-layer SmolLM2 architecture, {device}, median of {args.repeats}"
+        f"\n{name}: {first['rows']} rows, max_length {args.max_length}, {args.batch_size} packs per step "
+        f"({first['padded_batch_size']} rows per step without packing), {args.steps} timed steps, "
+        f"{args.layers}-layer SmolLM2 architecture, {device}, median of {args.repeats}"
     )
     summaries = {c: summarize(r) for c, r in results.items()}
     keys = list(next(iter(summaries.values())))

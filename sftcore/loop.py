@@ -384,13 +384,11 @@ class Trainer:
                     )
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({**metrics, "step": self.state.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
-        except OSError as e:
-            previous = newest_checkpoint(Path(self.cfg.output_dir)) if self.rank == 0 else None
+        except OSError as e:  # the driver adds which checkpoint a rerun would continue from
             raise CheckpointWriteError(
                 f"could not write checkpoint {destination}: {e.strerror or e}"
                 + (f" ({e.filename})" if getattr(e, "filename", None) else "")
-                + f"; the newest usable checkpoint is {previous or 'none'}; free space or fix the storage, "
-                "then rerun the same command to continue from it"
+                + "; free space or fix the storage, then rerun the same command"
             ) from e
         if self.rank == 0 and not final:
             prune_checkpoints(Path(self.cfg.output_dir), self.cfg.save_total_limit)
