@@ -4,9 +4,11 @@ checkpoint-{step}/
     manifest.json        every other file with its size and sha256, written last: a checkpoint is
                          usable only if it has a manifest and every file matches it
     trainer_state.json   step, epoch, step in epoch, total steps, skipped steps, the run config, wandb run id
-    training_state.pt    optimizer, scheduler and RNG states (loaded with weights_only=True)
+    training_state.pt    scheduler and RNG states, and the optimizer's with DDP (loaded with weights_only=True)
     adapter/             LoRA runs: the adapter (peft format, safetensors)
-    model.safetensors …  full fine-tuning: the model (HF format)
+    model.safetensors …  full fine-tuning with DDP: the model (HF format)
+    sharded/             --strategy fsdp: model and optimizer shards, one file per worker, as a torch
+                         distributed checkpoint (loads into any worker count)
     tokenizer files
 
 final/ is a checkpoint too (so a finished run can be continued with a larger --max_steps), plus the
@@ -50,36 +52,38 @@ class TrainerState:
 
 def save_checkpoint(
     directory: Path,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     state: TrainerState,
     config: dict[str, Any],
     use_lora: bool,
     export_merged: bool = False,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write everything needed to resume exactly (and, with export_merged, a standalone HF model)."""
+    """Write everything needed to resume exactly (and, with export_merged, a standalone HF model);
+    the caller writes the manifest last. Under FSDP the weights and optimizer state are sharded
+    (sftcore.parallel.save_sharded_state): model and optimizer are then None, or for final/ the
+    model comes with its gathered model_state to export."""
     directory.mkdir(parents=True, exist_ok=True)
-    if use_lora:
+    if model is not None and use_lora:
         model.save_pretrained(directory / ADAPTER_DIR)
         if export_merged:  # only for final/, the model's last use: merging in place is fine
             model.merge_and_unload(safe_merge=True).save_pretrained(directory)
-    else:
-        model.save_pretrained(directory)
+    elif model is not None:
+        model.save_pretrained(directory, state_dict=model_state)
     tokenizer.save_pretrained(directory)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        },
-        directory / TRAINING_STATE,
-    )
+    training_state = {
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
+    if optimizer is not None:
+        training_state["optimizer"] = optimizer.state_dict()
+    torch.save(training_state, directory / TRAINING_STATE)
     payload = {**state.__dict__, "config": config}
     (directory / TRAINER_STATE).write_text(json.dumps(payload, indent=2))
-    write_manifest(directory)
 
 
 def _sha256(path: Path) -> str:
@@ -87,9 +91,15 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
+def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under directory (but a manifest) with its size and sha256, by relative path."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
+def write_manifest(directory: Path, entries: dict[str, dict[str, Any]] | None = None) -> None:
+    """The manifest of directory's files, or of the given entries (every worker's files of a sharded checkpoint)."""
+    manifest = file_entries(directory) if entries is None else entries
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -141,9 +151,16 @@ def read_trainer_state(directory: Path) -> TrainerState:
     return TrainerState(**{k: payload[k] for k in TrainerState.__dataclass_fields__})
 
 
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def read_run_config(directory: Path) -> dict[str, Any]:
+    """The TrainConfig (as a dict) of the run that wrote the checkpoint."""
+    return json.loads((directory / TRAINER_STATE).read_text()).get("config", {})
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> None:
+    """Scheduler and RNG states, and the optimizer's unless it is sharded (None: loaded with the weights)."""
     saved = torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     random.setstate(saved["python_rng"])

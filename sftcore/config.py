@@ -75,9 +75,29 @@ class TrainConfig:
     )
     report_to: str = _opt("wandb", "wandb (offline when no API key) or none", ("wandb", "none"))
     wandb_project: str = _opt("sft-trajectory", "wandb project name")
-    num_workers: int = _opt(1, "Ray Train workers (one per GPU on GPU machines)", aliases=("--num-workers",))
+    strategy: str = _opt(
+        "ddp",
+        "ddp: each worker holds the whole model; fsdp: weights, gradients and optimizer state sharded over "
+        "workers (FSDP2, full fine-tuning), for models that do not fit one device",
+        ("ddp", "fsdp"),
+    )
+    num_workers: int = _opt(
+        1,
+        "Ray Train workers (one per GPU on GPU machines); under torchrun, its process count instead",
+        aliases=("--num-workers",),
+    )
     use_gpu: bool | None = _opt(None, "train on GPUs (default: when the cluster has them)")
     cpus_per_worker: int | None = _opt(None, "CPUs per worker (default: 1 with GPUs, else all CPUs / workers)")
+    placement_strategy: str = _opt(
+        "PACK",
+        "where Ray places workers: PACK fills a node first (fast links); SPREAD puts them on different nodes",
+        ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    )
+    gpus_per_worker: float = _opt(
+        1.0,
+        "GPUs each worker reserves on GPU runs; a worker trains on one, so more only holds the rest idle "
+        "(NCCL cannot share a GPU between workers)",
+    )
     address: str | None = _opt(None, "Ray cluster to join (default: $RAY_ADDRESS, else start Ray in-process)")
     trust_remote_code: bool = _opt(False, "allow model repos to run their own Python code")
 
@@ -97,6 +117,13 @@ class TrainConfig:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.strategy == "fsdp" and self.use_lora:
+            raise ValueError(
+                "--strategy fsdp shards full fine-tuning; a LoRA adapter is small, so train it with --strategy ddp "
+                "(or drop --use_lora)"
+            )
+        if self.gpus_per_worker < 1:
+            raise ValueError(f"--gpus_per_worker must be at least 1, got {self.gpus_per_worker}")
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"--validation_split must be in [0, 1), got {self.validation_split}")
 

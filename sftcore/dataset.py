@@ -7,6 +7,7 @@ rejected row with its line number and reason.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,45 @@ def _split_lines(lines: list[int], validation_split: float, seed: int) -> set[in
     return set(random.Random(seed).sample(sorted(lines), count))
 
 
+def _account(summary: DatasetSummary, status: list[dict[str, Any]], validation_split: float, seed: int) -> set[int]:
+    """Fill the summary from every encoded line's status (rejects in line order, train / validation
+    counts) and return the validation lines."""
+    for row in status:
+        if row["error_reason"]:
+            summary.reject(int(row["line"]), DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
+    summary.rejected.sort(key=lambda r: r["line"])
+    good = [row for row in status if not row["error_reason"]]
+    validation_lines = _split_lines([int(row["line"]) for row in good], validation_split, seed)
+    for row in good:
+        if row["line"] in validation_lines:
+            summary.validation_rows += 1
+        else:
+            summary.train_rows += 1
+            summary.train_tokens += int(row["num_tokens"])
+            summary.train_trained_tokens += int(row["num_trained"])
+    summary.truncated_rows = sum(bool(row["truncated"]) for row in good)
+    return validation_lines
+
+
+def _start_summary(data_path: str) -> tuple[DatasetSummary, list[dict[str, Any]]]:
+    path = check_readable_file(data_path)
+    summary = DatasetSummary(path=str(data_path))
+    items = _read_lines(path, summary)
+    if not items and not summary.rejected:
+        raise DataError(f"{data_path}: no rows (only blank lines)", "empty_file")
+    return summary, items
+
+
+def _finish_summary(summary: DatasetSummary, train_sequences: int, packing: bool, max_seq_length: int) -> None:
+    summary.train_sequences = train_sequences
+    if packing:
+        summary.packing_efficiency = summary.train_tokens / max(1, train_sequences * max_seq_length)
+
+
+STATUS_COLUMNS = ["line", "error_reason", "error_message", "rejected_text", "num_tokens", "num_trained", "truncated"]
+SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
+
+
 def build_datasets(
     data_path: str,
     model_name_or_path: str,
@@ -116,16 +156,11 @@ def build_datasets(
     trust_remote_code: bool = False,
     packing: bool = True,
 ) -> tuple[Any, Any | None, DatasetSummary]:
-    """(train dataset, validation dataset or None, summary). Datasets hold input_ids, labels and token
-    counts per row, or with packing per pack (plus position_ids and num_rows)."""
+    """(train dataset, validation dataset or None, summary) as Ray Datasets. Datasets hold input_ids,
+    labels and token counts per row, or with packing per pack (plus position_ids and num_rows)."""
     import ray.data
 
-    path = check_readable_file(data_path)
-    summary = DatasetSummary(path=str(data_path))
-    items = _read_lines(path, summary)
-    if not items and not summary.rejected:
-        raise DataError(f"{data_path}: no rows (only blank lines)", "empty_file")
-
+    summary, items = _start_summary(data_path)
     encoded = (
         ray.data.from_items(items)
         .map_batches(
@@ -137,25 +172,10 @@ def build_datasets(
         )
         .materialize()
     )
-    status = encoded.select_columns(["line", "error_reason", "num_tokens", "num_trained", "truncated"]).to_pandas()
-    rejects = encoded.filter(lambda r: r["error_reason"] != "").select_columns(
-        ["line", "error_reason", "error_message", "rejected_text"]
-    )
-    for row in rejects.iter_rows():
-        summary.reject(int(row["line"]), DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
-    summary.rejected.sort(key=lambda r: r["line"])
+    status = encoded.select_columns(STATUS_COLUMNS).to_pandas().to_dict("records")
+    validation_lines = _account(summary, status, validation_split, seed)
 
-    good = status[status.error_reason == ""]
-    validation_lines = _split_lines(good.line.tolist(), validation_split, seed)
-    is_validation = good.line.isin(validation_lines)
-    summary.train_rows = int((~is_validation).sum())
-    summary.validation_rows = int(is_validation.sum())
-    summary.train_tokens = int(good.num_tokens[~is_validation].sum())
-    summary.train_trained_tokens = int(good.num_trained[~is_validation].sum())
-    summary.truncated_rows = int(good.truncated.sum())
-
-    columns = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
-    valid = encoded.filter(lambda r: r["error_reason"] == "").select_columns(columns)
+    valid = encoded.filter(lambda r: r["error_reason"] == "").select_columns(SEQUENCE_COLUMNS)
     train = valid.filter(lambda r: r["line"] not in validation_lines)
     validation = valid.filter(lambda r: r["line"] in validation_lines) if validation_lines else None
     if packing:
@@ -167,7 +187,49 @@ def build_datasets(
         )
     train = train.materialize()
     validation = validation.materialize() if validation is not None else None
-    summary.train_sequences = train.count()
-    if packing:
-        summary.packing_efficiency = summary.train_tokens / max(1, summary.train_sequences * max_seq_length)
+    _finish_summary(summary, train.count(), packing, max_seq_length)
     return train, validation, summary
+
+
+def build_sequences(
+    data_path: str,
+    model_name_or_path: str,
+    max_seq_length: int,
+    validation_split: float,
+    seed: int,
+    trust_remote_code: bool = False,
+    packing: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[Any], list[Any]] = lambda value: [value],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, DatasetSummary]:
+    """The same sequences as build_datasets, as in-memory lists, without Ray (torchrun / accelerate).
+    Each of `world` processes encodes every world-th line; gather (an all-gather) shares the results,
+    so every process ends with the same lists and summary."""
+    summary, items = _start_summary(data_path)
+    mine = items[rank::world]
+    encoded = RowEncoder(model_name_or_path, max_seq_length, trust_remote_code)(
+        {"line": [i["line"] for i in mine], "text": [i["text"] for i in mine]}
+    )
+    rows = [dict(zip(encoded, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
+    rows = sorted((row for part in gather(rows) for row in part), key=lambda row: row["line"])
+    validation_lines = _account(summary, [{k: row[k] for k in STATUS_COLUMNS} for row in rows], validation_split, seed)
+
+    valid = [{k: row[k] for k in SEQUENCE_COLUMNS} for row in rows if not row["error_reason"]]
+    train = [row for row in valid if row["line"] not in validation_lines]
+    validation = [row for row in valid if row["line"] in validation_lines] or None
+    if packing:
+        train, validation = (
+            None if part is None else _pack_in_windows(part, max_seq_length) for part in (train, validation)
+        )
+    _finish_summary(summary, len(train), packing, max_seq_length)
+    return train, validation, summary
+
+
+def _pack_in_windows(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    packs = []
+    for start in range(0, len(rows), PACK_WINDOW_ROWS):
+        window = rows[start : start + PACK_WINDOW_ROWS]
+        packed = pack_rows({key: [row[key] for row in window] for key in window[0]}, budget)
+        packs += [dict(zip(packed, values, strict=True)) for values in zip(*packed.values(), strict=True)]
+    return packs

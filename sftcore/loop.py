@@ -1,13 +1,17 @@
-"""The per-worker training loop run by Ray Train's TorchTrainer.
+"""The per-worker training loop: one loop, run by Ray Train's TorchTrainer or by torchrun / accelerate
+launch (sftcore.runtime says which; it supplies the batches and publishes checkpoints).
 
 Features and limits, plainly:
-- Full fine-tuning or LoRA (peft, all linear layers by default); DDP via Ray (gloo on CPU, NCCL on GPU).
+- Full fine-tuning or LoRA (peft, all linear layers by default); DDP (gloo on CPU, NCCL on GPU), or
+  FSDP2 for full fine-tuning (--strategy fsdp: sharded weights, gradients, optimizer state and
+  checkpoints; final/ is consolidated into one HF model).
 - fp32 weights; on GPUs that support it, bf16 autocast.
 - AdamW, linear warmup then cosine/linear/constant, gradient clipping, gradient accumulation.
 - The loss of a step is the mean over every trained token of the global batch (all micro-batches,
   all workers), so 2 workers x batch 2 train exactly like 1 worker x batch 4.
-- Rows are padded to the longest in each micro-batch (packing comes later).
-- Checkpoints every save_steps and at the end (final/), reported to Ray Train; resume restores
+- Packs (or rows) are padded to the longest in each micro-batch.
+- Checkpoints every save_steps and at the end (final/), published by the runtime (reported to Ray
+  Train, or copied into output_dir by the torchrun processes); resume restores
   weights, optimizer, scheduler, RNG and the position in the data (bit-exact with 1 worker; with
   several, Ray Data's streaming split may hand rows to workers in another order after a restart).
 - Resume takes Ray's newest registered checkpoint (a restart after a worker failure) or else the
@@ -35,20 +39,31 @@ import torch.utils.checkpoint
 from sftcore.checkpoint import (
     ADAPTER_DIR,
     TrainerState,
-    checkpoint_problem,
+    file_entries,
     load_training_state,
-    newest_checkpoint,
     prune_checkpoints,
     read_trainer_state,
     save_checkpoint,
+    write_manifest,
 )
 from sftcore.config import TrainConfig
 from sftcore.masking import IGNORE_INDEX
 from sftcore.models import load_tokenizer, resolve_model_path
+from sftcore.parallel import (
+    all_finite,
+    all_reduce_sum,
+    clip_gradients,
+    full_model_state,
+    gather_objects,
+    gradient_sync,
+    load_sharded_state,
+    save_sharded_state,
+    wrap_model,
+)
+from sftcore.runtime import RayRuntime, WorkerRuntime, checkpoint_to_resume
 from sftcore.tracking import MetricsLogger, stable_run_id
 
 logger = logging.getLogger(__name__)
-SHUFFLE_BUFFER_ROWS = 256
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,17 +164,13 @@ def trained_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def all_reduce_sum(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
-    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def build_model(cfg: TrainConfig, resume_dir: Path | None) -> torch.nn.Module:
+    """The model to train; from resume_dir's weights when they are there in HF form (DDP full
+    fine-tuning; FSDP loads its shards after sharding, LoRA its adapter on top of the base model)."""
     from transformers import AutoModelForCausalLM
 
-    source = resume_dir if (resume_dir is not None and not cfg.use_lora) else resolve_model_path(cfg.model_name_or_path)
+    weights_in_checkpoint = resume_dir is not None and not cfg.use_lora and cfg.strategy == "ddp"
+    source = resume_dir if weights_in_checkpoint else resolve_model_path(cfg.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=torch.float32,
@@ -196,16 +207,14 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
 class Trainer:
     """One worker's view of the run: setup(), train(), save_checkpoint(), cleanup()."""
 
-    def __init__(self, loop_config: dict[str, Any]):
-        import ray.train
-        import ray.train.torch
-
+    def __init__(self, loop_config: dict[str, Any], runtime: WorkerRuntime):
         self.cfg = TrainConfig(**loop_config["train_config"])
         self.total_steps: int = loop_config["total_steps"]
         self.steps_per_epoch: int = loop_config["steps_per_epoch"]
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.evaluates: bool = loop_config["has_validation"]
+        self.runtime = runtime
+        self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
+        self.output_dir = Path(self.cfg.output_dir)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -213,29 +222,27 @@ class Trainer:
         )
 
     def setup(self) -> None:
-        import ray.train
-        import ray.train.torch
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.state = TrainerState(total_steps=self.total_steps, wandb_run_id=stable_run_id(cfg.output_dir))
+        self.sharded = cfg.strategy == "fsdp"
 
         self.consecutive_bad_steps = 0
-        checkpoint = self._checkpoint_to_resume()
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
-            resume_dir = Path(resume_dir) if resume_dir else None
+        with checkpoint_to_resume(self.runtime, self.output_dir, cfg.resume) as resume_dir:
             self.lm = build_model(cfg, resume_dir)
-            self.model = ray.train.torch.prepare_model(TrainedTokenLoss(self.lm))
+            self.model = wrap_model(TrainedTokenLoss(self.lm), self.lm, cfg.strategy, self.device)
             if cfg.torch_compile:  # packs vary in length: dynamic shapes, not one graph per length
                 self.model = torch.compile(self.model, dynamic=True)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
             if resume_dir is not None:
-                load_training_state(resume_dir, self.optimizer, self.scheduler)
+                if self.sharded:
+                    load_sharded_state(resume_dir, self.lm, self.optimizer)
+                load_training_state(resume_dir, None if self.sharded else self.optimizer, self.scheduler)
                 saved = read_trainer_state(resume_dir)
                 self.state.step, self.state.epoch, self.state.step_in_epoch, self.state.skipped_steps = (
                     saved.step,
@@ -244,41 +251,12 @@ class Trainer:
                     saved.skipped_steps,
                 )
                 if self.rank == 0:
-                    logger.warning("resumed from %s at step %d", checkpoint.path, saved.step)
+                    logger.warning("resumed from %s at step %d", resume_dir, saved.step)
 
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.validation_data = ray.train.get_dataset_shard("validation") if self.cfg.validation_split > 0 else None
         self.metrics = (
             MetricsLogger(cfg.output_dir, self.state.step, cfg.report_to, cfg.wandb_project, cfg.__dict__)
             if self.rank == 0
             else None
-        )
-
-    def _checkpoint_to_resume(self) -> Any:
-        """Ray's newest registered checkpoint (set after a worker failure, or by Ray's own run
-        restoration) if intact, else the newest intact one in output_dir (resume auto, or a restart)."""
-        import ray.train
-
-        registered = ray.train.get_checkpoint()
-        if registered is not None:
-            with registered.as_directory() as directory:
-                problem = checkpoint_problem(Path(directory))
-            if problem is None:
-                return registered
-            logger.warning("Ray's checkpoint %s is unusable (%s); looking for an older one", registered.path, problem)
-        if self.cfg.resume == "never" and registered is None:
-            return None
-        found = newest_checkpoint(Path(self.cfg.output_dir))
-        return ray.train.Checkpoint(str(found)) if found else None
-
-    def _epoch_batches(self, epoch: int):
-        return self.train_shard.iter_batches(
-            batch_size=self.cfg.per_device_batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-            local_shuffle_seed=self.cfg.seed + epoch,
-            prefetch_batches=2,
         )
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -291,12 +269,11 @@ class Trainer:
         scale = self.world / max(global_trained, 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1 or self.world == 1
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self.autocast:
+            with gradient_sync(self.model, enabled=i == len(micro_batches) - 1), self.autocast:
                 batch_loss, _ = token_losses(self.model, batch)
                 (batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf")))
+        grad_norm = clip_gradients(self.params, self.cfg.max_grad_norm)
         local_tokens = sum(b["num_tokens"] for b in micro_batches)
         total_loss, tokens = all_reduce_sum([loss_sum, local_tokens], self.device)
         lr = self.scheduler.get_last_lr()[0]
@@ -340,18 +317,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, perplexity and token accuracy over the whole validation split; workers take turns by batch."""
+        """Loss, perplexity and token accuracy over the whole validation split; workers take turns by
+        batch. Every worker runs the same number of forwards (FSDP's all-gathers need all of them): one
+        left without a batch of its own runs the first batch again, uncounted."""
         self.model.eval()
         loss_sum = correct = count = torch.zeros((), device=self.device, dtype=torch.float64)
-        batches = self.validation_data.iter_batches(batch_size=self.cfg.per_device_batch_size, batch_format="numpy")
-        for index, raw in enumerate(batches):
-            if index % self.world != self.rank:
-                continue
-            batch = collate(raw, self.pad_id, self.device)
+        batches = list(self.runtime.validation_batches(self.cfg.per_device_batch_size))
+        rounds = math.ceil(len(batches) / self.world)
+        for index in range(rounds * self.world)[self.rank :: self.world]:
+            counted = index < len(batches)
+            batch = collate(batches[index if counted else 0], self.pad_id, self.device)
             with self.autocast:
                 batch_loss, batch_correct = token_losses(self.model, batch)
-            loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-            count = count + trained_token_count(batch)
+            if counted:
+                loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+                count = count + trained_token_count(batch)
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.device)
         eval_loss = loss_sum / max(count, 1.0)
         return {
@@ -360,38 +340,53 @@ class Trainer:
             "eval_token_accuracy": correct / max(count, 1.0),
         }
 
-    def save_checkpoint(self, metrics: dict[str, Any], final: bool = False) -> None:
-        import ray.train
+    def _write_checkpoint(self, directory: Path, final: bool) -> bool:
+        """This worker's files of the checkpoint (False: it has none). Under FSDP every worker writes
+        its shards; final/ also gets the gathered model in HF form, from rank 0."""
+        lm, optimizer = self.lm, self.optimizer
+        model_state = None
+        if self.sharded:
+            save_sharded_state(directory, self.lm, self.optimizer)
+            lm, optimizer = None, None
+            if final:
+                lm, model_state = self.lm, full_model_state(self.lm)
+        if self.rank == 0:
+            save_checkpoint(
+                directory,
+                lm,
+                self.tokenizer,
+                optimizer,
+                self.scheduler,
+                self.state,
+                self.cfg.__dict__,
+                self.cfg.use_lora,
+                export_merged=final,
+                model_state=model_state,
+            )
+        return self.rank == 0 or self.sharded
 
+    def save_checkpoint(self, metrics: dict[str, Any], final: bool = False) -> None:
         name = "final" if final else f"checkpoint-{self.state.step}"
-        if not all(torch.isfinite(p).all() for p in self.params):
+        if not all_finite(self.params):
             raise NonFiniteLossError(f"step {self.state.step}: trainable weights are not finite; not saving {name}")
-        destination = Path(self.cfg.output_dir) / name
         try:
             with tempfile.TemporaryDirectory(prefix="sftcore-ckpt-") as tmp:
-                checkpoint = None
+                wrote = self._write_checkpoint(Path(tmp), final)
+                # One manifest for the files of every worker, written by rank 0 and so uploaded by it.
+                entries = gather_objects(file_entries(Path(tmp)) if wrote else {})
                 if self.rank == 0:
-                    save_checkpoint(
-                        Path(tmp),
-                        self.lm,
-                        self.tokenizer,
-                        self.optimizer,
-                        self.scheduler,
-                        self.state,
-                        self.cfg.__dict__,
-                        self.cfg.use_lora,
-                        export_merged=final,
-                    )
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({**metrics, "step": self.state.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
+                    write_manifest(Path(tmp), {name: entry for part in entries for name, entry in part.items()})
+                self.runtime.publish(
+                    Path(tmp) if wrote else None, name, {**metrics, "step": self.state.step}, self.output_dir
+                )
         except OSError as e:  # the driver adds which checkpoint a rerun would continue from
             raise CheckpointWriteError(
-                f"could not write checkpoint {destination}: {e.strerror or e}"
+                f"could not write checkpoint {self.output_dir / name}: {e.strerror or e}"
                 + (f" ({e.filename})" if getattr(e, "filename", None) else "")
                 + "; free space or fix the storage, then rerun the same command"
             ) from e
         if self.rank == 0 and not final:
-            prune_checkpoints(Path(self.cfg.output_dir), self.cfg.save_total_limit)
+            prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
 
     def _log(self, row: dict[str, Any], eta_s: float | None = None) -> None:
         if self.metrics is None:
@@ -414,7 +409,7 @@ class Trainer:
         accum = cfg.gradient_accumulation_steps
         run_start, steps_this_run = time.perf_counter(), 0
         while state.step < self.total_steps:
-            batches = iter(self._epoch_batches(state.epoch))
+            batches = self.runtime.train_batches(state.epoch, cfg.per_device_batch_size, cfg.seed)
             for _ in range(state.step_in_epoch * accum):  # resume mid-epoch: skip what was trained
                 next(batches)
             while state.step < self.total_steps and state.step_in_epoch < self.steps_per_epoch:
@@ -430,7 +425,7 @@ class Trainer:
                 if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
                     per_step = (time.perf_counter() - run_start) / steps_this_run
                     self._log(row, eta_s=per_step * (self.total_steps - state.step))
-                if self.validation_data is not None and state.step % cfg.eval_steps == 0:
+                if self.evaluates and state.step % cfg.eval_steps == 0:
                     self._log({"step": state.step, **self.evaluate()})
                 if state.step % cfg.save_steps == 0 and state.step < self.total_steps:
                     self.save_checkpoint(row)
@@ -438,7 +433,7 @@ class Trainer:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
         final_metrics: dict[str, Any] = {}
-        if self.validation_data is not None:
+        if self.evaluates:
             final_metrics = self.evaluate()
             if state.step % cfg.eval_steps != 0:
                 self._log({"step": state.step, **final_metrics})
@@ -449,10 +444,16 @@ class Trainer:
             self.metrics.close()
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    trainer = Trainer(loop_config)
+def run_worker(loop_config: dict[str, Any], runtime: WorkerRuntime) -> None:
+    """The whole run on one worker, under any runtime (sftcore.runtime)."""
+    trainer = Trainer(loop_config, runtime)
     trainer.setup()
     try:
         trainer.train()
     finally:
         trainer.cleanup()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on each worker."""
+    run_worker(loop_config, RayRuntime())

@@ -19,6 +19,7 @@ from sftcore.checkpoint import (
     newest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    write_manifest,
 )
 
 
@@ -33,6 +34,7 @@ def parts(tmp_path_factory, smollm2_tokenizer):
 def write(directory, parts, step: int) -> None:
     model, tokenizer, optimizer, scheduler = parts
     save_checkpoint(directory, model, tokenizer, optimizer, scheduler, TrainerState(step=step), {}, use_lora=False)
+    write_manifest(directory)
 
 
 def test_a_fresh_checkpoint_is_intact_and_its_manifest_lists_every_file(tmp_path, parts):

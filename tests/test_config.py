@@ -36,6 +36,7 @@ def test_aliases_and_booleans_parse():
         ("--save_total_limit", "0", "--save_total_limit must be at least 1, got 0"),
         ("--per_device_batch_size", "0", "--per_device_batch_size must be at least 1, got 0"),
         ("--validation_split", "1", "--validation_split must be in [0, 1), got 1.0"),
+        ("--gpus_per_worker", "0.5", "--gpus_per_worker must be at least 1, got 0.5"),
     ],
 )
 def test_invalid_values_are_a_usage_error_naming_the_flag(flag, value, message, capsys):
@@ -43,3 +44,10 @@ def test_invalid_values_are_a_usage_error_naming_the_flag(flag, value, message, 
         parse_config(["--data_path", "x.jsonl", flag, value])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_fsdp_with_lora_is_refused_with_what_to_do_instead(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--data_path", "x.jsonl", "--strategy", "fsdp", "--use_lora"])
+    assert exit_info.value.code == 2
+    assert "train it with --strategy ddp" in capsys.readouterr().err

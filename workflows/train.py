@@ -1,10 +1,11 @@
-"""Fine-tune a causal LM on agent trajectories with Ray Train.
+"""Fine-tune a causal LM on agent trajectories with Ray Train (or under torchrun / accelerate launch).
 
     python workflows/train.py --num-workers 1 --data_path examples/sample_trajectories.jsonl \
         --model_name_or_path smollm2-135m-instruct --use_lora --max_steps 20 --output_dir /tmp/run
 
 Starts Ray in-process, or joins the cluster named by --address / $RAY_ADDRESS (as `ray job submit`
-does). Rerunning the same command continues from the newest checkpoint in --output_dir.
+does). Started by torchrun or accelerate launch, it runs the same per-worker loop in each process,
+without Ray. Rerunning the same command continues from the newest checkpoint in --output_dir.
 """
 
 from __future__ import annotations
@@ -13,16 +14,24 @@ import json
 import logging
 import os
 import sys
+import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from sftcore.checkpoint import newest_checkpoint, read_trainer_state
+from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
 from sftcore.config import TrainConfig, parse_config
 from sftcore.data import DataError, check_readable_file
+from sftcore.dataset import DatasetSummary
+from sftcore.runtime import TorchrunRuntime
 from sftcore.tracking import plot_loss_curve
 
 logger = logging.getLogger("sftcore.train")
 REJECTED_FILE = "rejected_rows.jsonl"
+# Ray Train's list of the checkpoints reported in earlier launches. Ray refuses to start when one of them
+# is gone (pruned by --save_total_limit, or deleted by hand); which checkpoint to continue from is decided
+# from the checkpoints themselves (sftcore.checkpoint.newest_checkpoint), so each launch starts Ray's list anew.
+RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class UsageError(Exception):
@@ -38,22 +47,30 @@ def training_failure_message(error: Exception, output_dir: Path) -> str:
     failures = getattr(error, "worker_failures", None) or {}
     causes = [f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items())]
     if not causes:
-        causes = [str(error).strip().splitlines()[-1]]
+        causes = [f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"]
     resume = newest_checkpoint(output_dir)
     where = f"rerun the same command to continue from {resume}" if resume else "no checkpoint was saved yet"
     return "training failed\n  " + "\n  ".join(causes) + f"\n{where}"
 
 
+PROBE_PREFIX = ".sftcore-probe-"  # short-lived files the driver (or each torchrun process) writes to test output_dir
+
+
 def check_output_dir(cfg: TrainConfig) -> Path:
     output_dir = Path(cfg.output_dir).resolve()
+    if cfg.output_dir.partition("://")[1]:
+        raise UsageError(
+            f"--output_dir {cfg.output_dir}: URIs are not supported yet; mount the bucket or shared file system on "
+            "every node (NFS, EFS, Filestore, gcsfuse, mountpoint-s3) and pass its path (see cluster/README.md)"
+        )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
+        probe = output_dir / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--output_dir {cfg.output_dir} is not writable ({e.strerror})") from None
-    if cfg.resume == "never" and any(output_dir.iterdir()):
+    if cfg.resume == "never" and any(not p.name.startswith(PROBE_PREFIX) for p in output_dir.iterdir()):
         raise UsageError(
             f"--output_dir {cfg.output_dir} is not empty and --resume never was given; "
             "choose a new directory or drop --resume never to continue the run there"
@@ -80,9 +97,44 @@ def init_ray(cfg: TrainConfig) -> None:
     context.execution_options.preserve_order = True
 
 
+def check_output_dir_is_shared(output_dir: Path) -> None:
+    """On a cluster of several nodes, every node must see output_dir: Ray Train writes checkpoints from
+    the workers' nodes, and a restarted worker reads them from wherever it lands. A file the driver
+    writes there must be visible from each node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+
+    @ray.remote(num_cpus=0)
+    def visible(path: str) -> bool:
+        return os.path.exists(path)
+
+    marker = output_dir / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    marker.write_text("")
+    try:
+        seen = {
+            f"{node['NodeManagerAddress']} (id {node['NodeID'][:8]})": visible.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(str(marker))
+            for node in nodes
+        }
+        blind = sorted(node for node, ref in seen.items() if not ray.get(ref, timeout=120))
+    finally:
+        marker.unlink()
+    if blind:
+        raise UsageError(
+            f"--output_dir {output_dir} is on this node's disk only: node(s) {', '.join(blind)} of this "
+            f"{len(nodes)}-node cluster cannot see it. Checkpoints must go to storage every node mounts at the same "
+            "path (NFS, EFS, Filestore, a ReadWriteMany volume; see cluster/README.md)"
+        )
+
+
 def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
     """(steps per epoch, total steps). Every worker gets train_sequences // num_workers sequences
-    (packs, or rows without packing): Ray Data splits them equally."""
+    (packs, or rows without packing): the data is split equally."""
     per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     steps_per_epoch = (train_sequences // cfg.num_workers) // per_step
     if steps_per_epoch == 0:
@@ -95,20 +147,102 @@ def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
     return steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.num_epochs
 
 
+def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> dict[str, Any]:
+    """Report (speak: this process is the one that logs and writes) what became of every line, stop on
+    bad rows unless skipping them, and plan the run: the per-worker loop's config."""
+    if summary.rejected:
+        rejected_path = output_dir / REJECTED_FILE
+        if speak:
+            rejected_path.write_text("".join(json.dumps(r) + "\n" for r in summary.rejected))
+        if cfg.on_bad_rows == "error":
+            raise UsageError(
+                f"{summary.format_rejects(limit=100)}\nevery bad line, with its reason: {rejected_path}\n"
+                "fix these lines, or pass --on_bad_rows skip to train on the valid rows only"
+            )
+        if speak:
+            logger.warning(
+                "%s\nskipped them (--on_bad_rows skip); written to %s", summary.format_rejects(5), rejected_path
+            )
+    if summary.train_rows == 0:
+        raise UsageError(f"{cfg.data_path}: no valid rows to train on")
+    steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
+    if speak:
+        logger.info(
+            "data: %d lines (%d blank, %d rejected) -> %d train rows (%d tokens, %d trained), %d validation rows; "
+            "%d truncated to %d tokens; %d steps (%d per epoch)",
+            summary.lines,
+            summary.blank_lines,
+            len(summary.rejected),
+            summary.train_rows,
+            summary.train_tokens,
+            summary.train_trained_tokens,
+            summary.validation_rows,
+            summary.truncated_rows,
+            cfg.max_seq_length,
+            total_steps,
+            steps_per_epoch,
+        )
+        if summary.packing_efficiency is not None:
+            logger.info(
+                "packing: %d train rows -> %d packs of up to %d tokens, %.1f%% real tokens",
+                summary.train_rows,
+                summary.train_sequences,
+                cfg.max_seq_length,
+                100 * summary.packing_efficiency,
+            )
+    if cfg.resume == "auto" and (resume_from := newest_checkpoint(output_dir)) is not None:
+        saved_strategy = read_run_config(resume_from).get("strategy", "ddp")
+        if saved_strategy != cfg.strategy:
+            raise UsageError(
+                f"{resume_from} was written with --strategy {saved_strategy}; continue it with --strategy "
+                f"{saved_strategy}, or pass a new --output_dir"
+            )
+        if speak:
+            logger.info("continuing from %s (step %d)", resume_from, read_trainer_state(resume_from).step)
+    return {
+        "train_config": asdict(cfg),
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "has_validation": summary.validation_rows > 0,
+    }
+
+
+def finish(output_dir: Path, metrics: dict[str, Any] | None) -> None:
+    curve = plot_loss_curve(str(output_dir))
+    final = output_dir / "final"
+    print(f"done: final model at {final}" + (f", loss curve at {curve}" if curve else ""))
+    if metrics and "eval_loss" in metrics:
+        print(f"final eval_loss {metrics['eval_loss']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(argv, description=__doc__)
+    under_torchrun = TorchrunRuntime.launched()
+    quiet = under_torchrun and os.environ["RANK"] != "0"  # one process speaks for all
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
-        return run(cfg)
+        return run_under_torchrun(cfg) if under_torchrun else run(cfg)
     except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
+def prepare(cfg: TrainConfig) -> Path:
+    check_readable_file(cfg.data_path)  # fail in a second, not after Ray or the process group has started
+    output_dir = check_output_dir(cfg)
+    cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
+    return output_dir
+
+
 def run(cfg: TrainConfig) -> int:
+    """The driver under Ray: Ray Data prepares the sequences, Ray Train runs the loop on each worker."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -116,13 +250,13 @@ def run(cfg: TrainConfig) -> int:
     from sftcore.dataset import build_datasets
     from sftcore.loop import train_loop_per_worker
 
-    check_readable_file(cfg.data_path)  # fail in a second, not after Ray has started
-    output_dir = check_output_dir(cfg)
-    cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
+    output_dir = prepare(cfg)
     init_ray(cfg)
+    check_output_dir_is_shared(output_dir)
     resources = ray.cluster_resources()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
     cpus_per_worker = cfg.cpus_per_worker or (1 if use_gpu else max(1, int(resources.get("CPU", 1)) // cfg.num_workers))
+    worker_resources = {"CPU": cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
 
     train, validation, summary = build_datasets(
         cfg.data_path,
@@ -134,54 +268,17 @@ def run(cfg: TrainConfig) -> int:
         trust_remote_code=cfg.trust_remote_code,
         packing=cfg.packing,
     )
-    if summary.rejected:
-        rejected_path = output_dir / REJECTED_FILE
-        rejected_path.write_text("".join(json.dumps(r) + "\n" for r in summary.rejected))
-        if cfg.on_bad_rows == "error":
-            raise UsageError(
-                f"{summary.format_rejects(limit=100)}\nevery bad line, with its reason: {rejected_path}\n"
-                "fix these lines, or pass --on_bad_rows skip to train on the valid rows only"
-            )
-        logger.warning("%s\nskipped them (--on_bad_rows skip); written to %s", summary.format_rejects(5), rejected_path)
-    if summary.train_rows == 0:
-        raise UsageError(f"{cfg.data_path}: no valid rows to train on")
-    steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
-    logger.info(
-        "data: %d lines (%d blank, %d rejected) -> %d train rows (%d tokens, %d trained), %d validation rows; "
-        "%d truncated to %d tokens; %d steps (%d per epoch)",
-        summary.lines,
-        summary.blank_lines,
-        len(summary.rejected),
-        summary.train_rows,
-        summary.train_tokens,
-        summary.train_trained_tokens,
-        summary.validation_rows,
-        summary.truncated_rows,
-        cfg.max_seq_length,
-        total_steps,
-        steps_per_epoch,
-    )
-    if summary.packing_efficiency is not None:
-        logger.info(
-            "packing: %d train rows -> %d packs of up to %d tokens, %.1f%% real tokens",
-            summary.train_rows,
-            summary.train_sequences,
-            cfg.max_seq_length,
-            100 * summary.packing_efficiency,
-        )
-
-    if cfg.resume == "auto" and (resume_from := newest_checkpoint(output_dir)) is not None:
-        logger.info("continuing from %s (step %d)", resume_from, read_trainer_state(resume_from).step)
+    loop_config = account_for_data(cfg, summary, output_dir, speak=True)
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
+    (output_dir / RAY_RUN_SNAPSHOT).unlink(missing_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train_config": asdict(cfg),
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker_resources,
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=output_dir.name,
@@ -197,11 +294,46 @@ def run(cfg: TrainConfig) -> int:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingFailed(training_failure_message(e, output_dir)) from None
-    curve = plot_loss_curve(str(output_dir))
-    final = output_dir / "final"
-    print(f"done: final model at {final}" + (f", loss curve at {curve}" if curve else ""))
-    if result.metrics and "eval_loss" in result.metrics:
-        print(f"final eval_loss {result.metrics['eval_loss']:.4f}")
+    finish(output_dir, result.metrics)
+    return 0
+
+
+def run_under_torchrun(cfg: TrainConfig) -> int:
+    """One process of a torchrun / accelerate launch: every process reads and encodes its share of
+    the lines, then runs the same per-worker loop as a Ray Train worker."""
+    from sftcore.dataset import build_sequences
+    from sftcore.loop import CheckpointWriteError, NonFiniteLossError, run_worker
+    from sftcore.parallel import gather_objects
+
+    output_dir = prepare(cfg)  # every process checks before any of them writes (init is a rendezvous)
+    runtime = TorchrunRuntime()
+    try:
+        if cfg.num_workers != runtime.world and runtime.rank == 0:
+            logger.info("torchrun started %d processes: training with %d workers", runtime.world, runtime.world)
+        cfg.num_workers = runtime.world
+        train, validation, summary = build_sequences(
+            cfg.data_path,
+            cfg.model_name_or_path,
+            cfg.max_seq_length,
+            cfg.validation_split,
+            cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            packing=cfg.packing,
+            rank=runtime.rank,
+            world=runtime.world,
+            gather=gather_objects,
+        )
+        loop_config = account_for_data(cfg, summary, output_dir, speak=runtime.rank == 0)
+        runtime.set_data(train, validation)
+        try:
+            run_worker(loop_config, runtime)
+        except (NonFiniteLossError, CheckpointWriteError) as e:
+            message = training_failure_message(e, output_dir).replace("\n  ", f"\n  worker {runtime.rank}: ", 1)
+            raise TrainingFailed(message) from None
+    finally:
+        runtime.close()
+    if runtime.rank == 0:
+        finish(output_dir, None)
     return 0
 
 

@@ -1,0 +1,178 @@
+"""Where the per-worker loop runs: under Ray Train (TorchTrainer) or under torchrun / accelerate launch.
+
+The loop (sftcore.loop) asks its runtime for four things only: who it is (rank, world size, device),
+its batches, the checkpoint to resume from, and how to publish a checkpoint it wrote. Everything
+else (the model, the step, saving, evaluation) is the same code under both launchers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sftcore.checkpoint import MANIFEST, checkpoint_problem, newest_checkpoint
+from sftcore.parallel import barrier
+
+logger = logging.getLogger(__name__)
+SHUFFLE_BUFFER_ROWS = 256
+
+
+class RayRuntime:
+    """A Ray Train worker: data from Ray Data shards, checkpoints reported to (and restored by) Ray Train."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.validation_shard = None  # fetched on first use: a run without validation has none
+
+    def train_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+        return iter(
+            self.train_shard.iter_batches(
+                batch_size=batch_size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                local_shuffle_seed=seed + epoch,
+                prefetch_batches=2,
+            )
+        )
+
+    def validation_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        import ray.train
+
+        if self.validation_shard is None:
+            self.validation_shard = ray.train.get_dataset_shard("validation")
+        return iter(self.validation_shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+
+    def registered_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """Ray's newest registered checkpoint (after a worker failure, or Ray's own run restoration)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return _as_path(checkpoint.as_directory()) if checkpoint is not None else contextlib.nullcontext()
+
+    def publish(self, local_dir: Path | None, name: str, metrics: dict[str, Any], output_dir: Path) -> None:
+        """Hand this worker's files of checkpoint `name` to Ray Train, which copies them to
+        output_dir/name (every worker's files into the one directory) and registers it."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(local_dir) if local_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+@contextlib.contextmanager
+def _as_path(directory_context: Any) -> Iterator[Path]:
+    with directory_context as directory:
+        yield Path(directory)
+
+
+class TorchrunRuntime:
+    """A process started by torchrun or accelerate launch (RANK, WORLD_SIZE, MASTER_ADDR in the
+    environment): no Ray. Each process holds its share of the encoded sequences in memory, and
+    checkpoints are copied into output_dir by the processes themselves (output_dir must be shared
+    between nodes)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.train: list[dict[str, Any]] = []
+        self.validation: list[dict[str, Any]] | None = None
+
+    @staticmethod
+    def launched() -> bool:
+        return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+    def set_data(self, train: list[dict[str, Any]], validation: list[dict[str, Any]] | None) -> None:
+        """Take this rank's equal share of the training sequences (like Ray Data's equal split, the
+        remainder is dropped so every rank runs the same number of steps) and all of validation."""
+        per_rank = len(train) // self.world
+        self.train = train[self.rank :: self.world][:per_rank]
+        self.validation = validation
+
+    def train_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+        order = list(range(len(self.train)))
+        random.Random(seed + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield _columns([self.train[i] for i in order[start : start + batch_size]])
+
+    def validation_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        validation = self.validation or []
+        return (_columns(validation[i : i + batch_size]) for i in range(0, len(validation), batch_size))
+
+    def registered_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        return contextlib.nullcontext()  # no run controller: resume reads output_dir
+
+    def publish(self, local_dir: Path | None, name: str, metrics: dict[str, Any], output_dir: Path) -> None:
+        """Copy every worker's files into output_dir/name, the manifest (rank 0's) last: a crash
+        mid-copy leaves a directory that fails verification, as under Ray."""
+        destination = output_dir / name
+        if self.rank == 0 and destination.exists():
+            shutil.rmtree(destination)  # a torn copy from an earlier, crashed attempt
+        barrier()
+        if local_dir is not None:
+            shutil.copytree(
+                local_dir,
+                destination,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns(MANIFEST),
+                copy_function=shutil.copyfile,
+            )
+        barrier()
+        if local_dir is not None and (local_dir / MANIFEST).exists():
+            shutil.copyfile(local_dir / MANIFEST, destination / MANIFEST)
+        barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+WorkerRuntime = RayRuntime | TorchrunRuntime
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def checkpoint_to_resume(runtime: WorkerRuntime, output_dir: Path, resume: str) -> contextlib.AbstractContextManager:
+    """Context giving the directory to resume from (or None): the runtime's registered checkpoint if
+    intact, else the newest intact one in output_dir (resume auto, or a restart after a failure)."""
+
+    @contextlib.contextmanager
+    def choose() -> Iterator[Path | None]:
+        with runtime.registered_checkpoint() as registered:
+            if registered is not None:
+                problem = checkpoint_problem(registered)
+                if problem is None:
+                    yield registered
+                    return
+                logger.warning(
+                    "the registered checkpoint %s is unusable (%s); looking for an older one", registered, problem
+                )
+            if resume == "never" and registered is None:
+                yield None
+                return
+            yield newest_checkpoint(output_dir)
+
+    return choose()

@@ -1,0 +1,82 @@
+"""The two data paths (Ray Data for Ray Train, in-process for torchrun) give the same sequences and counts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import SHARED_DATA
+
+from sftcore.dataset import build_datasets, build_sequences
+
+pytestmark = pytest.mark.slow  # starts a real local Ray
+
+
+def in_threads_as_ranks(world: int, **kwargs) -> list[tuple]:
+    """build_sequences run by `world` threads standing in for torchrun processes, with an all-gather."""
+    from transformers import AutoTokenizer  # noqa: F401  resolve transformers' lazy import before threads race on it
+
+    parts: list = [None] * world
+    results: list = [None] * world
+    barrier = threading.Barrier(world)
+
+    def run(rank: int) -> None:
+        def gather(value):
+            parts[rank] = value
+            barrier.wait(timeout=300)
+            return list(parts)
+
+        try:
+            results[rank] = build_sequences(rank=rank, world=world, gather=gather, **kwargs)
+        except Exception as e:  # re-raised in the test's thread
+            results[rank] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors = sorted(
+        (e for e in results if isinstance(e, Exception)), key=lambda e: isinstance(e, threading.BrokenBarrierError)
+    )
+    if errors:
+        raise errors[0]
+    return results
+
+
+def as_keys(sequences) -> list[tuple]:
+    return sorted((tuple(s["input_ids"]), tuple(s["labels"]), tuple(s.get("position_ids", ()))) for s in sequences)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
+    import ray
+
+    lines = (SHARED_DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()[:80]
+    lines[10] = '{"input": "no output field"}'
+    lines[20] = ""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    options = {
+        "data_path": str(data),
+        "model_name_or_path": "smollm2-135m-instruct",
+        "max_seq_length": 1024,
+        "validation_split": 0.1,
+        "seed": 7,
+        "packing": packing,
+    }
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        train, validation, summary = build_datasets(**options)
+        ray_train, ray_validation = list(train.iter_rows()), list(validation.iter_rows())
+    finally:
+        ray.shutdown()
+
+    for local_train, local_validation, local_summary in in_threads_as_ranks(2, **options):
+        assert local_summary == summary
+        assert as_keys(local_train) == as_keys(ray_train)
+        assert as_keys(local_validation) == as_keys(ray_validation)
+    assert summary.lines == 80 and summary.blank_lines == 1 and [r["line"] for r in summary.rejected] == [11]
+    assert summary.train_rows + summary.validation_rows == 78
