@@ -142,6 +142,15 @@ def _finish_summary(summary: DatasetSummary, train_sequences: int, packing: bool
         summary.packing_efficiency = summary.train_tokens / max(1, train_sequences * max_seq_length)
 
 
+def columns_of(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (dicts) as a batch of columns, the shape map_batches functions and collate take."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def rows_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
 STATUS_COLUMNS = ["line", "error_reason", "error_message", "rejected_text", "num_tokens", "num_trained", "truncated"]
 SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
 
@@ -207,13 +216,10 @@ def build_sequences(
     Each of `world` processes encodes every world-th line; gather (an all-gather) shares the results,
     so every process ends with the same lists and summary."""
     summary, items = _start_summary(data_path)
-    mine = items[rank::world]
-    encoded = RowEncoder(model_name_or_path, max_seq_length, trust_remote_code)(
-        {"line": [i["line"] for i in mine], "text": [i["text"] for i in mine]}
-    )
-    rows = [dict(zip(encoded, values, strict=True)) for values in zip(*encoded.values(), strict=True)]
-    rows = sorted((row for part in gather(rows) for row in part), key=lambda row: row["line"])
-    validation_lines = _account(summary, [{k: row[k] for k in STATUS_COLUMNS} for row in rows], validation_split, seed)
+    mine = {"line": [i["line"] for i in items[rank::world]], "text": [i["text"] for i in items[rank::world]]}
+    encoded = rows_of(RowEncoder(model_name_or_path, max_seq_length, trust_remote_code)(mine))
+    rows = sorted((row for part in gather(encoded) for row in part), key=lambda row: row["line"])
+    validation_lines = _account(summary, rows, validation_split, seed)
 
     valid = [{k: row[k] for k in SEQUENCE_COLUMNS} for row in rows if not row["error_reason"]]
     train = [row for row in valid if row["line"] not in validation_lines]
@@ -229,7 +235,5 @@ def build_sequences(
 def _pack_in_windows(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     packs = []
     for start in range(0, len(rows), PACK_WINDOW_ROWS):
-        window = rows[start : start + PACK_WINDOW_ROWS]
-        packed = pack_rows({key: [row[key] for row in window] for key in window[0]}, budget)
-        packs += [dict(zip(packed, values, strict=True)) for values in zip(*packed.values(), strict=True)]
+        packs += rows_of(pack_rows(columns_of(rows[start : start + PACK_WINDOW_ROWS]), budget))
     return packs

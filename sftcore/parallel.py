@@ -37,7 +37,7 @@ def wrap_model(module: torch.nn.Module, lm: torch.nn.Module, strategy: str, devi
             raise ValueError(f"--strategy fsdp: {type(lm).__name__} names no transformer block class to shard by")
         for block in blocks:
             fully_shard(block)
-        return fully_shard(module.to(device) if device.type != "cpu" else module)
+        return fully_shard(module.to(device))
     module = module.to(device)
     if not distributed() or dist.get_world_size() == 1:
         return module

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sftcore.checkpoint import MANIFEST, checkpoint_problem, newest_checkpoint
+from sftcore.dataset import columns_of
 from sftcore.parallel import barrier
 
 logger = logging.getLogger(__name__)
@@ -114,11 +115,11 @@ class TorchrunRuntime:
         order = list(range(len(self.train)))
         random.Random(seed + epoch).shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield _columns([self.train[i] for i in order[start : start + batch_size]])
+            yield columns_of([self.train[i] for i in order[start : start + batch_size]])
 
     def validation_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         validation = self.validation or []
-        return (_columns(validation[i : i + batch_size]) for i in range(0, len(validation), batch_size))
+        return (columns_of(validation[i : i + batch_size]) for i in range(0, len(validation), batch_size))
 
     def registered_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         return contextlib.nullcontext()  # no run controller: resume reads output_dir
@@ -151,28 +152,17 @@ class TorchrunRuntime:
 WorkerRuntime = RayRuntime | TorchrunRuntime
 
 
-def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {key: [row[key] for row in rows] for key in rows[0]}
-
-
-def checkpoint_to_resume(runtime: WorkerRuntime, output_dir: Path, resume: str) -> contextlib.AbstractContextManager:
-    """Context giving the directory to resume from (or None): the runtime's registered checkpoint if
-    intact, else the newest intact one in output_dir (resume auto, or a restart after a failure)."""
-
-    @contextlib.contextmanager
-    def choose() -> Iterator[Path | None]:
-        with runtime.registered_checkpoint() as registered:
-            if registered is not None:
-                problem = checkpoint_problem(registered)
-                if problem is None:
-                    yield registered
-                    return
-                logger.warning(
-                    "the registered checkpoint %s is unusable (%s); looking for an older one", registered, problem
-                )
-            if resume == "never" and registered is None:
-                yield None
+@contextlib.contextmanager
+def checkpoint_to_resume(runtime: WorkerRuntime, output_dir: Path, resume: str) -> Iterator[Path | None]:
+    """The directory to resume from (or None): the runtime's registered checkpoint if intact, else the
+    newest intact one in output_dir (resume auto, or a restart after a failure)."""
+    with runtime.registered_checkpoint() as registered:
+        if registered is not None:
+            problem = checkpoint_problem(registered)
+            if problem is None:
+                yield registered
                 return
-            yield newest_checkpoint(output_dir)
-
-    return choose()
+            logger.warning(
+                "the registered checkpoint %s is unusable (%s); looking for an older one", registered, problem
+            )
+        yield None if resume == "never" and registered is None else newest_checkpoint(output_dir)

@@ -42,12 +42,9 @@ class TrainingFailed(Exception):
     """Training started and failed (after any restarts --max_failures allowed); exit code 1."""
 
 
-def training_failure_message(error: Exception, output_dir: Path) -> str:
+def training_failure_message(failures: dict[int, BaseException], output_dir: Path, fallback: str = "") -> str:
     """The root cause on each failed worker, in one line each, plus where the run can continue from."""
-    failures = getattr(error, "worker_failures", None) or {}
-    causes = [f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items())]
-    if not causes:
-        causes = [f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}"]
+    causes = [f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items())] or [fallback]
     resume = newest_checkpoint(output_dir)
     where = f"rerun the same command to continue from {resume}" if resume else "no checkpoint was saved yet"
     return "training failed\n  " + "\n  ".join(causes) + f"\n{where}"
@@ -293,7 +290,8 @@ def run(cfg: TrainConfig) -> int:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise TrainingFailed(training_failure_message(e, output_dir)) from None
+        failures = getattr(e, "worker_failures", None) or {}
+        raise TrainingFailed(training_failure_message(failures, output_dir, str(e).strip().splitlines()[-1])) from None
     finish(output_dir, result.metrics)
     return 0
 
@@ -328,8 +326,7 @@ def run_under_torchrun(cfg: TrainConfig) -> int:
         try:
             run_worker(loop_config, runtime)
         except (NonFiniteLossError, CheckpointWriteError) as e:
-            message = training_failure_message(e, output_dir).replace("\n  ", f"\n  worker {runtime.rank}: ", 1)
-            raise TrainingFailed(message) from None
+            raise TrainingFailed(training_failure_message({runtime.rank: e}, output_dir)) from None
     finally:
         runtime.close()
     if runtime.rank == 0:
