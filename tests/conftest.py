@@ -21,6 +21,16 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config) -> None:
+    missing = [str(p) for p in REAL_DATA_FILES if not p.is_file()]
+    if missing:
+        pytest.exit(
+            f"the tests need the real trajectory data, not found: {', '.join(missing)}; clone next to the shared/ "
+            "folder (../shared/data) or set SFTCORE_SHARED_DATA=/path/to/shared/data",
+            returncode=4,
+        )
+
+
 def template_text(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text()
 
