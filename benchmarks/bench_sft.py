@@ -42,18 +42,20 @@ CONFIGS = ["sftcore", "sftcore_no_packing", "trl_default", "trl_packing"]
 def load_rows(path: Path, tokenizer, max_length: int, limit: int) -> list[tuple[str, list, int]]:
     """(JSONL line, messages as rendered, tokens) for the first rows that fit whole in max_length."""
     from sftcore.data import DataError, parse_line, parse_row
-    from sftcore.masking import adapt_to_template, encode_conversation, template_support
+    from sftcore.masking import FULL_HISTORY, EncodeOptions, encode_conversation
+    from sftcore.templates import adapt_to_template, template_support
 
     rows = []
     for line in path.read_text().splitlines():
         try:
             conv = parse_row(parse_line(line))
-            encoded = encode_conversation(conv, tokenizer, max_length)
+            encoded = encode_conversation(conv, tokenizer, EncodeOptions(max_seq_length=max_length))
         except DataError:
             continue
-        if not encoded["truncated"]:
+        whole = len(encoded.samples) == 1 and encoded.samples[0].history == FULL_HISTORY and not encoded.dropped_turns
+        if whole:
             messages = adapt_to_template(conv, template_support(tokenizer)).messages
-            rows.append((line, messages, len(encoded["input_ids"])))
+            rows.append((line, messages, encoded.num_tokens))
         if len(rows) == limit:
             break
     return rows
@@ -88,17 +90,22 @@ def run_sftcore(args, rows, device, packing: bool) -> dict:
 
     from sftcore.data import parse_line, parse_row
     from sftcore.loop import TrainedTokenLoss, collate, token_losses
-    from sftcore.masking import IGNORE_INDEX, encode_conversation
+    from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
     from sftcore.models import load_tokenizer
     from sftcore.packing import pack_rows
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     start = time.perf_counter()  # preprocessing of the same rows TRL gets: parse + render + mask + pack
-    encoded = [encode_conversation(parse_row(parse_line(line)), tokenizer, args.max_length) for line, _, _ in rows]
+    options = EncodeOptions(max_seq_length=args.max_length)
+    samples = [
+        sample
+        for line, _, _ in rows
+        for sample in encode_conversation(parse_row(parse_line(line)), tokenizer, options).samples
+    ]
     columns = {
-        "input_ids": [np.asarray(e["input_ids"], dtype=np.int32) for e in encoded],
-        "labels": [np.asarray(e["labels"], dtype=np.int64) for e in encoded],
-        "num_trained": [int((np.asarray(e["labels"]) != IGNORE_INDEX).sum()) for e in encoded],
+        "input_ids": [np.asarray(s.input_ids, dtype=np.int32) for s in samples],
+        "labels": [np.asarray(s.labels, dtype=np.int64) for s in samples],
+        "num_trained": [int((np.asarray(s.labels) != IGNORE_INDEX).sum()) for s in samples],
     }
     sequences = pack_rows(columns, args.max_length) if packing else columns
     preprocess_s = time.perf_counter() - start

@@ -1,13 +1,16 @@
 """sftcore: supervised fine-tuning of language models on agent trajectories."""
 
 from sftcore.data import Conversation, DataError, parse_row, read_jsonl
-from sftcore.masking import IGNORE_INDEX, encode_conversation, encode_row
+from sftcore.masking import IGNORE_INDEX, EncodedRow, EncodeOptions, Sample, encode_conversation, encode_row
 from sftcore.models import load_tokenizer, resolve_model_path
 
 __all__ = [
     "IGNORE_INDEX",
     "Conversation",
     "DataError",
+    "EncodeOptions",
+    "EncodedRow",
+    "Sample",
     "encode_conversation",
     "encode_row",
     "load_tokenizer",

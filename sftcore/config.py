@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftcore.masking import EncodeOptions
+
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
@@ -30,12 +32,38 @@ class TrainConfig:
     validation_split: float = _opt(0.1, "fraction of valid rows held out for evaluation (0 disables eval)")
     per_device_batch_size: int = _opt(
         2,
-        "sequences per micro-batch on each worker (packs of up to --max_seq_length tokens, or rows)",
+        "sequences per micro-batch on each worker (packs of up to --max_seq_length tokens, or samples)",
     )
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step on each worker")
-    max_seq_length: int = _opt(4096, "longer rows are cut after the last whole assistant turn that fits")
+    max_seq_length: int = _opt(
+        4096, "longest training sequence in tokens; turns that do not fit with their history follow --overflow"
+    )
+    overflow: str = _opt(
+        "window",
+        "a turn whose history does not fit --max_seq_length: window: train it with the system prompt, the first "
+        "user message and as much recent history as fits; truncate: drop it (and every later turn of the row)",
+        ("window", "truncate"),
+    )
+    history_rewrites: str = _opt(
+        "split",
+        "for chat templates that render earlier turns differently once later turns follow (Qwen3, gpt-oss, ...): "
+        "split: train each turn in the context it has at inference (a row becomes several samples); refuse: "
+        "reject such rows",
+        ("split", "refuse"),
+    )
+    train_on: str = _opt(
+        "all",
+        "assistant messages of 'output' to train (each may opt out with \"train\": false): all; last: only the "
+        "last; final: only those after the last user message",
+        ("all", "last", "final"),
+    )
+    chat_template: str | None = _opt(
+        None,
+        "set or replace the model's chat template: a Jinja file, or one shipped with sftcore ('chatml'); saved "
+        "with the tokenizer in every checkpoint and final/",
+    )
     packing: bool = _opt(
-        True, "pack whole rows into sequences of --max_seq_length tokens (rows never attend to each other)"
+        True, "pack whole samples into sequences of --max_seq_length tokens (samples never attend to each other)"
     )
     attn_implementation: str = _opt(
         "sdpa",
@@ -63,8 +91,8 @@ class TrainConfig:
     )
     on_bad_rows: str = _opt(
         "error",
-        "error: stop before training and list bad lines; skip: train on the good rows, write the rest "
-        "to output_dir/rejected_rows.jsonl",
+        "malformed rows: error: stop before training and list them; skip: train on the valid rows (either way, "
+        "output_dir/rejected_rows.jsonl lists every line, turn or text not trained, with its reason)",
         ("error", "skip"),
     )
     max_failures: int = _opt(
@@ -127,6 +155,10 @@ class TrainConfig:
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"--validation_split must be in [0, 1), got {self.validation_split}")
 
+    def encode_options(self) -> EncodeOptions:
+        """How rows become training samples (sftcore.masking)."""
+        return EncodeOptions(self.max_seq_length, self.history_rewrites, self.overflow, self.train_on)
+
 
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "y", "on"):
@@ -136,11 +168,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_arguments(
+    parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None, defaults: dict[str, Any] | None = None
+) -> None:
+    """One flag per TrainConfig field (or per field in ``only``), with its help, type, choices and default
+    (``defaults`` overrides some, for tools that share a few of training's options)."""
+    defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
+        if only is not None and f.name not in only:
+            continue
         names = [f"--{f.name}", *f.metadata["aliases"]]
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
+        default = defaults.get(f.name, f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
         kind = str(f.type)
         if kind == "bool":
             # `--use_lora` alone means true; `--use_lora false` is accepted too.
@@ -155,9 +194,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             kwargs["choices"] = f.metadata["choices"]
         if f.name == "data_path":
             kwargs["required"] = True
-        if kwargs["default"] is not None and f.name != "data_path":
-            kwargs["help"] += f" (default: {f.default})"
+        if default is not None and f.name != "data_path":
+            kwargs["help"] += f" (default: {default})"
         parser.add_argument(*names, **kwargs)
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
     return parser
 
 

@@ -11,8 +11,11 @@ A row is a JSON object ``{"input": ..., "output": ...}``:
 
 Messages use the OpenAI chat shape: roles ``system``, ``user``, ``assistant``, ``tool``; assistant
 ``tool_calls`` (``content`` may be null, ``arguments`` a JSON string or an object); ``tool`` messages
-with ``tool_call_id`` / ``name``. Messages are normalised here into one canonical shape so the
-rendering code never has to guess.
+with ``tool_call_id`` / ``name``. Assistant reasoning comes as ``reasoning_content`` (the
+OpenAI-compatible / DeepSeek / vLLM field; ``reasoning`` and ``thinking`` are accepted too) or inline
+as a leading ``<think>...</think>`` in the content. An assistant message in ``output`` with
+``"train": false`` (or ``"weight": 0``) is context, not trained. Messages are normalised here into
+one canonical shape (reasoning in ``reasoning_content``) so the rendering code never has to guess.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# --train_on presets: which assistant messages of ``output`` are trained (each may still opt out)
+TRAIN_ON = ("all", "last", "final")
 
 
 class DataError(ValueError):
@@ -40,7 +47,7 @@ class Conversation:
     """A validated row: canonical messages, which of them are trained, and the row's tool schemas."""
 
     messages: list[dict[str, Any]]
-    trained: list[bool]  # trained[i]: messages[i] is an assistant message from ``output``
+    trained: list[bool]  # trained[i]: messages[i] is an assistant message from ``output`` that is trained
     tools: list[dict[str, Any]] | None = None
 
 
@@ -53,31 +60,79 @@ class LineResult:
     error: DataError | None = None
 
 
+# Rejection reasons that are not bad input: the row is valid but yields nothing to train. Such rows are
+# counted and reported, never a reason to stop the run (--on_bad_rows governs malformed rows only).
+NOT_BAD_INPUT = ("too_long", "nothing_to_train")
+
+
 @dataclass
 class LineCounts:
     """Where the lines of a data file went: blank, rejected (with line number, reason and message), or a
-    row. Shared by the training pipeline and the inspection report, so both count the same way."""
+    row trained as one or more samples, with what of it is not in them as the row has it (``omissions``:
+    turns that did not fit, history left out so that a turn fits, text the template drops). Shared by
+    the training pipeline and the inspection report, so both count the same way."""
 
     path: str
     lines: int = 0
     blank_lines: int = 0
-    truncated_rows: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message"[, "text"]}
+    omissions: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message", "row_trained"}
+    rows: int = 0
+    samples: int = 0
+    tokens: int = 0  # in the samples
+    trained_tokens: int = 0
+    row_tokens: int = 0  # of the rows as one sequence each (what splitting is measured against)
+    trained_turns: int = 0
+    windowed_turns: int = 0  # trained with a shortened history (--overflow window)
+    dropped_turns: int = 0  # did not fit at all
 
     def reject(self, line: int, error: DataError, text: str | None = None) -> None:
         entry = {"line": line, "reason": error.reason, "message": str(error)}
         self.rejected.append(entry if text is None else {**entry, "text": text})
 
+    def add_row(self, line: int, stats: dict[str, Any]) -> None:
+        """Count a trained row from its encoding stats (the keys of ``sftcore.masking.row_stats``)."""
+        self.rows += 1
+        for key in ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns"):
+            setattr(self, key, getattr(self, key) + int(stats[key]))
+        self.dropped_turns += int(stats["dropped_turns"])
+        self.omissions += [
+            {"line": line, "reason": reason, "message": message, "row_trained": True}
+            for reason, message in stats["omissions"]
+        ]
+
+    @property
+    def split_overhead(self) -> float:
+        """Tokens in the samples / tokens of the rows as one sequence each (1.0: nothing was split)."""
+        return self.tokens / max(1, self.row_tokens)
+
+    def bad_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rejected if r["reason"] not in NOT_BAD_INPUT]
+
     def rejected_by_reason(self) -> Counter:
         return Counter(r["reason"] for r in self.rejected)
 
-    def format_rejects(self, limit: int = 20) -> str:
-        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.rejected_by_reason().items()))
-        lines = [f"{len(self.rejected)} bad row(s) in {self.path} ({counts})"]
-        lines += [f"  {self.path}:{r['line']}: {r['message']} [{r['reason']}]" for r in self.rejected[:limit]]
-        if len(self.rejected) > limit:
-            lines.append(f"  ... and {len(self.rejected) - limit} more")
+    def format_rejects(self, limit: int = 20, bad_only: bool = False) -> str:
+        rejected = self.bad_rows() if bad_only else self.rejected
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(r["reason"] for r in rejected).items()))
+        what = "bad row(s)" if bad_only else "row(s) not trained"
+        lines = [f"{len(rejected)} {what} in {self.path} ({counts})"]
+        lines += [f"  {self.path}:{r['line']}: {r['message']} [{r['reason']}]" for r in rejected[:limit]]
+        if len(rejected) > limit:
+            lines.append(f"  ... and {len(rejected) - limit} more")
         return "\n".join(lines)
+
+    def format_omissions(self, limit: int = 5) -> str:
+        """What trained rows lose, by reason: counts, rows and the first lines."""
+        out = []
+        for reason, count in sorted(Counter(omission["reason"] for omission in self.omissions).items()):
+            entries = [omission for omission in self.omissions if omission["reason"] == reason]
+            rows = len({omission["line"] for omission in entries})
+            out.append(f"  {reason}: {count} in {rows} row(s)")
+            out += [f"    {self.path}:{e['line']}: {e['message']}" for e in entries[:limit]]
+            if count > limit:
+                out.append(f"    ... and {count - limit} more")
+        return "\n".join(out)
 
 
 def _text_content(content: Any, where: str) -> str | None:
@@ -119,7 +174,37 @@ def _tool_call(call: Any, where: str) -> dict[str, Any]:
     return canonical
 
 
-def _message(message: Any, where: str) -> dict[str, Any]:
+def _reasoning(message: dict[str, Any], content: str | None, where: str) -> tuple[str | None, str | None]:
+    """(reasoning, content): from a reasoning field, or split off a leading <think>...</think> in content."""
+    given = [key for key in REASONING_FIELDS if message.get(key) is not None]
+    if len(given) > 1:
+        raise DataError(f"{where}: give the reasoning once, not in both {given[0]!r} and {given[1]!r}", "bad_type")
+    reasoning = message[given[0]] if given else None
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise DataError(f"{where}: {given[0]!r} must be a string, got {type(reasoning).__name__}", "bad_type")
+    if content and content.lstrip().startswith(THINK_OPEN) and THINK_CLOSE in content:
+        if reasoning is not None:
+            raise DataError(
+                f"{where}: reasoning given twice: in {given[0]!r} and as <think>...</think> in the content", "bad_type"
+            )
+        inline, _, content = content.lstrip()[len(THINK_OPEN) :].partition(THINK_CLOSE)
+        reasoning, content = inline.strip("\n"), content.lstrip("\n")
+    return reasoning, content
+
+
+def _train_flag(message: dict[str, Any], where: str) -> bool:
+    """An assistant message's own choice: "train": false or "weight": 0 masks it (default: trained)."""
+    train = message.get("train", True)
+    if not isinstance(train, bool):
+        raise DataError(f"{where}: 'train' must be true or false, got {train!r:.40}", "bad_type")
+    weight = message.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise DataError(f"{where}: 'weight' must be 0 or 1 (per-message weights are not supported), got {weight!r:.40}")
+    return train and weight == 1
+
+
+def _message(message: Any, where: str) -> tuple[dict[str, Any], bool]:
+    """The canonical message and whether the message itself asks to be trained."""
     if not isinstance(message, dict):
         raise DataError(f"{where}: a message must be an object, got {type(message).__name__}", "bad_type")
     role = message.get("role")
@@ -131,21 +216,24 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         calls = message.get("tool_calls") or []
         if not isinstance(calls, list):
             raise DataError(f"{where}: tool_calls must be a list", "bad_type")
-        if content is None and not calls:
+        reasoning, content = _reasoning(message, content, where)
+        if content is None and not calls and reasoning is None:
             raise DataError(f"{where}: assistant message has neither content nor tool_calls", "empty_message")
         # Null content becomes "": templates test it with `if content` and many crash on None.
         canonical["content"] = content or ""
+        if reasoning is not None:
+            canonical["reasoning_content"] = reasoning
         if calls:
             canonical["tool_calls"] = [_tool_call(c, f"{where} tool_calls[{i}]") for i, c in enumerate(calls)]
-    else:
-        if content is None:
-            raise DataError(f"{where}: {role} message has no content", "empty_message")
-        canonical["content"] = content
-        if role == "tool":
-            for key in ("tool_call_id", "name"):
-                if isinstance(message.get(key), str):
-                    canonical[key] = message[key]
-    return canonical
+        return canonical, _train_flag(message, where)
+    if content is None:
+        raise DataError(f"{where}: {role} message has no content", "empty_message")
+    canonical["content"] = content
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(message.get(key), str):
+                canonical[key] = message[key]
+    return canonical, False
 
 
 def _input_messages(value: Any) -> list[Any]:
@@ -170,15 +258,41 @@ def _input_messages(value: Any) -> list[Any]:
     return [{"role": "user", "content": value}]
 
 
-def parse_row(row: Any) -> Conversation:
-    """Validate one row and return it as a canonical conversation. Raises DataError saying what is wrong."""
+def _trained_by_preset(messages: list[dict[str, Any]], wanted: list[bool], train_on: str) -> list[bool]:
+    """Narrow the trainable assistant messages of ``output`` to a --train_on preset: all of them; the
+    last one; or those after the last user message (the final answer and the tool loop that led to it)."""
+    if train_on == "all":
+        return wanted
+    if train_on == "last":
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        return [w and i == last for i, w in enumerate(wanted)]
+    if train_on == "final":
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        return [w and i > last_user for i, w in enumerate(wanted)]
+    raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+
+
+def parse_row(row: Any, train_on: str = "all") -> Conversation:
+    """Validate one row and return it as a canonical conversation. Raises DataError saying what is wrong.
+
+    Trained: the assistant messages of ``output`` that do not opt out ("train": false, "weight": 0),
+    narrowed by ``train_on`` (all / last / final). A valid row left with nothing to train raises
+    DataError with reason ``nothing_to_train`` (counted, not bad input)."""
     if not isinstance(row, dict):
         raise DataError(f"row must be a JSON object, got {type(row).__name__}", "bad_type")
     missing = [key for key in ("input", "output") if key not in row]
     if missing:
         raise DataError(f"missing field(s): {', '.join(missing)}", "missing_field")
 
-    prompt = [_message(m, f"input[{i}]") for i, m in enumerate(_input_messages(row["input"]))]
+    prompt = []
+    for i, m in enumerate(_input_messages(row["input"])):
+        message, _ = _message(m, f"input[{i}]")
+        if isinstance(m, dict) and (m.get("train") is True or m.get("weight") == 1):
+            raise DataError(
+                f"input[{i}]: 'input' is the prompt and is never trained; move the message to 'output' to train it",
+                "bad_type",
+            )
+        prompt.append(message)
     if not prompt:
         raise DataError("'input' holds no messages", "empty_input")
 
@@ -188,7 +302,7 @@ def parse_row(row: Any) -> Conversation:
     if not isinstance(output, list):
         raise DataError(f"'output' must be a list of messages or a string, got {type(output).__name__}", "bad_type")
     completion = [_message(m, f"output[{i}]") for i, m in enumerate(output)]
-    if not any(m["role"] == "assistant" for m in completion):
+    if not any(m["role"] == "assistant" for m, _ in completion):
         raise DataError("'output' has no assistant message, so nothing would be trained", "no_assistant")
 
     tools = row.get("tools")
@@ -197,8 +311,16 @@ def parse_row(row: Any) -> Conversation:
             raise DataError("'tools' must be a list of function schemas (objects)", "bad_type")
         tools = tools or None
 
-    messages = prompt + completion
-    trained = [False] * len(prompt) + [m["role"] == "assistant" for m in completion]
+    messages = prompt + [m for m, _ in completion]
+    wanted = [False] * len(prompt) + [wants for _, wants in completion]
+    trained = _trained_by_preset(messages, wanted, train_on)
+    if not any(trained):
+        why = (
+            "every assistant message in 'output' has \"train\": false"
+            if not any(wanted)
+            else (f"--train_on {train_on} selects no trainable assistant message")
+        )
+        raise DataError(f"nothing to train: {why}", "nothing_to_train")
     return Conversation(messages=messages, trained=trained, tools=tools)
 
 

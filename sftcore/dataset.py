@@ -1,11 +1,13 @@
-"""Ray Data pipeline: JSONL lines -> encoded rows (actor pool) -> rejects reported -> train / validation split.
+"""Ray Data pipeline: JSONL lines -> samples (actor pool) -> rejects reported -> train / validation split.
 
-Every input line is accounted for: it becomes a training row, a validation row, a blank line, or a
-rejected row with its line number and reason.
+Every input line is accounted for: it becomes a training row, a validation row (each trained as one
+or more samples, with what of it is not trained counted by reason), a blank line, or a rejected row
+with its line number and reason.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sftcore.data import DataError, LineCounts, check_readable_file, parse_line, parse_row
-from sftcore.masking import IGNORE_INDEX, encode_conversation
+from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
 from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
 
@@ -26,60 +28,68 @@ class DatasetSummary(LineCounts):
     validation_rows: int = 0
     train_tokens: int = 0
     train_trained_tokens: int = 0
-    train_sequences: int = 0  # what a worker iterates over: packs, or rows without packing
+    train_sequences: int = 0  # what a worker iterates over: packs, or samples without packing
     packing_efficiency: float | None = None  # real tokens / (packs x max_seq_length)
 
 
+LINE_STATS = ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns", "dropped_turns")
+STATUS_COLUMNS = ["line", "error_reason", "error_message", "rejected_text", "omissions", *LINE_STATS]
+SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
+_NO_STATUS = {
+    "error_reason": "",
+    "error_message": "",
+    "rejected_text": "",
+    "omissions": "[]",
+    **dict.fromkeys(LINE_STATS, 0),
+}
+
+
 class RowEncoder:
-    """Ray Data actor: loads the tokenizer once, then encodes batches of raw lines."""
+    """Ray Data actor: loads the tokenizer once, then encodes batches of raw lines into samples. Each
+    line's first output row (``sample`` 0) also carries the line's status: its error, or its counts."""
 
-    def __init__(self, model_name_or_path: str, max_seq_length: int, trust_remote_code: bool = False):
-        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
-        self.max_seq_length = max_seq_length
+    def __init__(
+        self,
+        model_name_or_path: str,
+        options: EncodeOptions,
+        trust_remote_code: bool = False,
+        chat_template: str | None = None,
+    ):
+        self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code, chat_template)
+        self.options = options
 
-    def encode(self, text: str) -> dict[str, Any]:
+    def encode(self, line: int, text: str) -> list[dict[str, Any]]:
         try:
-            encoded = encode_conversation(parse_row(parse_line(text)), self.tokenizer, self.max_seq_length)
+            row = parse_row(parse_line(text), self.options.train_on)
+            encoded = encode_conversation(row, self.tokenizer, self.options)
         except DataError as e:
-            return {"error_reason": e.reason, "error_message": str(e)}
-        labels = np.asarray(encoded["labels"], dtype=np.int64)
-        return {
-            "input_ids": np.asarray(encoded["input_ids"], dtype=np.int32),
-            "labels": labels,
-            "num_tokens": len(labels),
-            "num_trained": int((labels != IGNORE_INDEX).sum()),
-            "truncated": encoded["truncated"],
-            "error_reason": "",
-            "error_message": "",
-        }
+            empty = {"input_ids": np.zeros(0, np.int32), "labels": np.zeros(0, np.int64), "num_tokens": 0}
+            error = {"error_reason": e.reason, "error_message": str(e), "rejected_text": text}
+            return [{"line": line, "sample": 0, **empty, "num_trained": 0, **_NO_STATUS, **error}]
+        stats = encoded.stats()
+        status = {k: stats[k] for k in LINE_STATS} | {"omissions": json.dumps(stats["omissions"])}
+        out = []
+        for n, sample in enumerate(encoded.samples):
+            labels = np.asarray(sample.labels, dtype=np.int64)
+            out.append(
+                {
+                    "line": line,
+                    "sample": n,
+                    "input_ids": np.asarray(sample.input_ids, dtype=np.int32),
+                    "labels": labels,
+                    "num_tokens": len(labels),
+                    "num_trained": int((labels != IGNORE_INDEX).sum()),
+                    **_NO_STATUS,
+                    **(status if n == 0 else {}),
+                }
+            )
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        empty = np.zeros(0, dtype=np.int32)
-        out: dict[str, list] = {
-            k: []
-            for k in (
-                "line",
-                "input_ids",
-                "labels",
-                "num_tokens",
-                "num_trained",
-                "truncated",
-                "error_reason",
-                "error_message",
-                "rejected_text",
-            )
-        }
-        for line, text in zip(batch["line"], batch["text"], strict=True):
-            encoded = self.encode(text)
-            out["line"].append(int(line))
-            out["input_ids"].append(encoded.get("input_ids", empty))
-            out["labels"].append(encoded.get("labels", empty.astype(np.int64)))
-            for key, default in (("num_tokens", 0), ("num_trained", 0), ("truncated", False)):
-                out[key].append(encoded.get(key, default))
-            out["error_reason"].append(encoded["error_reason"])
-            out["error_message"].append(encoded["error_message"])
-            out["rejected_text"].append(text if encoded["error_reason"] else "")
-        return out
+        rows = [
+            out for line, text in zip(batch["line"], batch["text"], strict=True) for out in self.encode(int(line), text)
+        ]
+        return columns_of(rows)
 
 
 def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:
@@ -108,22 +118,22 @@ def _split_lines(lines: list[int], validation_split: float, seed: int) -> set[in
 
 
 def _account(summary: DatasetSummary, status: list[dict[str, Any]], validation_split: float, seed: int) -> set[int]:
-    """Fill the summary from every encoded line's status (rejects in line order, train / validation
-    counts) and return the validation lines."""
+    """Fill the summary from every encoded line's status (rejects in line order, what each trained row
+    yielded, train / validation counts) and return the validation lines."""
     for row in status:
         if row["error_reason"]:
             summary.reject(int(row["line"]), DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
     summary.rejected.sort(key=lambda r: r["line"])
-    good = [row for row in status if not row["error_reason"]]
+    good = sorted((row for row in status if not row["error_reason"]), key=lambda row: row["line"])
     validation_lines = _split_lines([int(row["line"]) for row in good], validation_split, seed)
     for row in good:
+        summary.add_row(int(row["line"]), row | {"omissions": json.loads(row["omissions"])})
         if row["line"] in validation_lines:
             summary.validation_rows += 1
         else:
             summary.train_rows += 1
-            summary.train_tokens += int(row["num_tokens"])
-            summary.train_trained_tokens += int(row["num_trained"])
-    summary.truncated_rows = sum(bool(row["truncated"]) for row in good)
+            summary.train_tokens += int(row["tokens"])
+            summary.train_trained_tokens += int(row["trained_tokens"])
     return validation_lines
 
 
@@ -151,22 +161,20 @@ def rows_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-STATUS_COLUMNS = ["line", "error_reason", "error_message", "rejected_text", "num_tokens", "num_trained", "truncated"]
-SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
-
-
 def build_datasets(
     data_path: str,
     model_name_or_path: str,
-    max_seq_length: int,
+    options: EncodeOptions,
     validation_split: float,
     seed: int,
     encoder_concurrency: int = 1,
     trust_remote_code: bool = False,
     packing: bool = True,
+    chat_template: str | None = None,
 ) -> tuple[Any, Any | None, DatasetSummary]:
     """(train dataset, validation dataset or None, summary) as Ray Datasets. Datasets hold input_ids,
-    labels and token counts per row, or with packing per pack (plus position_ids and num_rows)."""
+    labels and token counts per sample, or with packing per pack (plus position_ids and num_rows). A
+    row's samples all go to the same split."""
     import ray.data
 
     summary, items = _start_summary(data_path)
@@ -174,40 +182,44 @@ def build_datasets(
         ray.data.from_items(items)
         .map_batches(
             RowEncoder,
-            fn_constructor_args=(model_name_or_path, max_seq_length, trust_remote_code),
+            fn_constructor_args=(model_name_or_path, options, trust_remote_code, chat_template),
             batch_size=32,
             concurrency=encoder_concurrency,
             num_cpus=1,
         )
         .materialize()
     )
-    status = encoded.select_columns(STATUS_COLUMNS).to_pandas().to_dict("records")
-    validation_lines = _account(summary, status, validation_split, seed)
+    status = encoded.select_columns(["sample", *STATUS_COLUMNS]).to_pandas().to_dict("records")
+    validation_lines = _account(summary, _line_status(status), validation_split, seed)
 
     valid = encoded.filter(lambda r: r["error_reason"] == "").select_columns(SEQUENCE_COLUMNS)
     train = valid.filter(lambda r: r["line"] not in validation_lines)
     validation = valid.filter(lambda r: r["line"] in validation_lines) if validation_lines else None
+    budget = options.max_seq_length
     if packing:
         train, validation = (
-            None
-            if ds is None
-            else ds.map_batches(pack_rows, fn_kwargs={"budget": max_seq_length}, batch_size=PACK_WINDOW_ROWS)
+            None if ds is None else ds.map_batches(pack_rows, fn_kwargs={"budget": budget}, batch_size=PACK_WINDOW_ROWS)
             for ds in (train, validation)
         )
     train = train.materialize()
     validation = validation.materialize() if validation is not None else None
-    _finish_summary(summary, train.count(), packing, max_seq_length)
+    _finish_summary(summary, train.count(), packing, budget)
     return train, validation, summary
+
+
+def _line_status(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if row["sample"] == 0]
 
 
 def build_sequences(
     data_path: str,
     model_name_or_path: str,
-    max_seq_length: int,
+    options: EncodeOptions,
     validation_split: float,
     seed: int,
     trust_remote_code: bool = False,
     packing: bool = True,
+    chat_template: str | None = None,
     rank: int = 0,
     world: int = 1,
     gather: Callable[[Any], list[Any]] = lambda value: [value],
@@ -217,18 +229,17 @@ def build_sequences(
     so every process ends with the same lists and summary."""
     summary, items = _start_summary(data_path)
     mine = {"line": [i["line"] for i in items[rank::world]], "text": [i["text"] for i in items[rank::world]]}
-    encoded = rows_of(RowEncoder(model_name_or_path, max_seq_length, trust_remote_code)(mine))
-    rows = sorted((row for part in gather(encoded) for row in part), key=lambda row: row["line"])
-    validation_lines = _account(summary, rows, validation_split, seed)
+    encoded = rows_of(RowEncoder(model_name_or_path, options, trust_remote_code, chat_template)(mine))
+    rows = sorted((row for part in gather(encoded) for row in part), key=lambda row: (row["line"], row["sample"]))
+    validation_lines = _account(summary, _line_status(rows), validation_split, seed)
 
     valid = [{k: row[k] for k in SEQUENCE_COLUMNS} for row in rows if not row["error_reason"]]
     train = [row for row in valid if row["line"] not in validation_lines]
     validation = [row for row in valid if row["line"] in validation_lines] or None
+    budget = options.max_seq_length
     if packing:
-        train, validation = (
-            None if part is None else _pack_in_windows(part, max_seq_length) for part in (train, validation)
-        )
-    _finish_summary(summary, len(train), packing, max_seq_length)
+        train, validation = (None if part is None else _pack_in_windows(part, budget) for part in (train, validation))
+    _finish_summary(summary, len(train), packing, budget)
     return train, validation, summary
 
 

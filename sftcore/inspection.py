@@ -1,4 +1,5 @@
-"""What a data file will train: counts, rejects by reason (with line numbers), highlighted examples."""
+"""What a data file will train: counts, rejects and omissions by reason (with line numbers), and highlighted
+samples (trained text, and the reasoning within it)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,24 @@ from pathlib import Path
 from typing import Any
 
 from sftcore.data import DataError, LineCounts, parse_row, read_jsonl
-from sftcore.masking import IGNORE_INDEX, encode_conversation
+from sftcore.masking import FULL_HISTORY, IGNORE_INDEX, WINDOW, EncodedRow, EncodeOptions, Sample, encode_conversation
 
-_GREEN, _DIM, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
+_GREEN, _MAGENTA, _DIM, _RESET = "\x1b[1;32m", "\x1b[1;35m", "\x1b[2m", "\x1b[0m"
+MASKED, TRAINED, REASONING = "masked", "trained", "reasoning"
+_HISTORY = {FULL_HISTORY: "full history", WINDOW: "recent history only", "window_no_system": "without system prompt"}
 
 
 @dataclass
 class DataReport(LineCounts):
-    rows: int = 0  # rows that will be trained on
     messages: int = 0
-    trained_turns: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    dropped_turns: int = 0
-    examples: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    split_rows: int = 0  # rows trained as several samples
+    examples: list[tuple[int, EncodedRow]] = field(default_factory=list)
 
 
 def inspect_file(
-    path: str | Path, tokenizer: Any, max_seq_length: int | None = None, num_examples: int = 1
+    path: str | Path, tokenizer: Any, options: EncodeOptions | None = None, num_examples: int = 1
 ) -> DataReport:
+    options = options or EncodeOptions()
     report = DataReport(path=str(path))
     for result in read_jsonl(path):
         report.lines += 1
@@ -36,18 +36,14 @@ def inspect_file(
         try:
             if result.error:
                 raise result.error
-            conv = parse_row(result.row)
-            encoded = encode_conversation(conv, tokenizer, max_seq_length)
+            conv = parse_row(result.row, options.train_on)
+            encoded = encode_conversation(conv, tokenizer, options)
         except DataError as e:
             report.reject(result.line, e)
             continue
-        report.rows += 1
+        report.add_row(result.line, encoded.stats())
         report.messages += len(conv.messages)
-        report.trained_turns += encoded["trained_turns"]
-        report.tokens += len(encoded["input_ids"])
-        report.trained_tokens += sum(label != IGNORE_INDEX for label in encoded["labels"])
-        report.truncated_rows += encoded["truncated"]
-        report.dropped_turns += encoded["dropped_turns"]
+        report.split_rows += len(encoded.samples) > 1
         if len(report.examples) < num_examples:
             report.examples.append((result.line, encoded))
     return report
@@ -55,14 +51,19 @@ def inspect_file(
 
 def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
     trained_pct = 100 * report.trained_tokens / max(report.tokens, 1)
+    bad = len(report.bad_rows())
     out = [
         f"{report.path}",
         f"  lines: {report.lines} ({report.blank_lines} blank)",
-        f"  rows to train: {report.rows}   rejected: {len(report.rejected)}",
+        f"  rows to train: {report.rows}   rejected: {len(report.rejected)} ({bad} bad input, "
+        f"{len(report.rejected) - bad} valid but nothing to train)",
         f"  messages: {report.messages}   trained assistant turns: {report.trained_turns}",
+        f"  samples: {report.samples} ({report.split_rows} rows split into several)   tokens in samples / in rows: "
+        f"{report.tokens} / {report.row_tokens} = {report.split_overhead:.2f}x",
         f"  tokens: {report.tokens}   trained tokens: {report.trained_tokens} ({trained_pct:.1f}%)",
-        f"  mean tokens/row: {report.tokens / max(report.rows, 1):.0f}",
-        f"  truncated rows: {report.truncated_rows} (assistant turns dropped by truncation: {report.dropped_turns})",
+        f"  mean tokens/sample: {report.tokens / max(report.samples, 1):.0f}",
+        f"  turns with a shortened history (--overflow window): {report.windowed_turns}   "
+        f"turns that did not fit: {report.dropped_turns}",
     ]
     for reason, count in sorted(report.rejected_by_reason().items()):
         entries = [r for r in report.rejected if r["reason"] == reason]
@@ -70,40 +71,54 @@ def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
         out += [f"    {report.path}:{r['line']}: {r['message']}" for r in entries[:max_lines_per_reason]]
         if count > max_lines_per_reason:
             out.append(f"    ... and {count - max_lines_per_reason} more")
+    if report.omissions:
+        out.append("  left out of rows that are trained (turns that do not fit, history, text the template drops):")
+        out.append(report.format_omissions(max_lines_per_reason))
     return "\n".join(out)
 
 
-def _runs(encoded: dict[str, Any], tokenizer: Any) -> list[tuple[bool, str]]:
-    """Consecutive (trained?, decoded text) runs of one encoded row."""
-    runs: list[tuple[bool, list[int]]] = []
-    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
-        trained = label != IGNORE_INDEX
-        if runs and runs[-1][0] == trained:
+def _runs(sample: Sample, tokenizer: Any) -> list[tuple[str, str]]:
+    """Consecutive (kind, decoded text) runs of one sample; kinds: MASKED, TRAINED, REASONING."""
+    reasoning = {i for first, last in sample.reasoning for i in range(first, last)}
+    runs: list[tuple[str, list[int]]] = []
+    for i, (token, label) in enumerate(zip(sample.input_ids, sample.labels, strict=True)):
+        kind = MASKED if label == IGNORE_INDEX else REASONING if i in reasoning else TRAINED
+        if runs and runs[-1][0] == kind:
             runs[-1][1].append(token)
         else:
-            runs.append((trained, [token]))
-    return [(trained, tokenizer.decode(tokens)) for trained, tokens in runs]
+            runs.append((kind, [token]))
+    return [(kind, tokenizer.decode(tokens)) for kind, tokens in runs]
 
 
-def highlight_terminal(encoded: dict[str, Any], tokenizer: Any, color: bool = True) -> str:
-    """Trained text in bold green, the rest dimmed; without colour, trained text is wrapped in [[ ]]."""
+def sample_title(path: str, line: int, encoded: EncodedRow, n: int) -> str:
+    sample = encoded.samples[n]
+    turns = f"turn {sample.turns[0] + 1}" + (f"-{sample.turns[-1] + 1}" if len(sample.turns) > 1 else "")
+    return f"{path}:{line} sample {n + 1}/{len(encoded.samples)} ({turns}; {_HISTORY[sample.history]})"
+
+
+def highlight_terminal(sample: Sample, tokenizer: Any, color: bool = True) -> str:
+    """Trained text in bold green, trained reasoning in bold magenta, the rest dimmed; without colour,
+    trained text is wrapped in [[ ]] and reasoning in (( ))."""
     if color:
-        return "".join(f"{_GREEN if t else _DIM}{text}{_RESET}" for t, text in _runs(encoded, tokenizer))
-    return "".join(f"[[{text}]]" if t else text for t, text in _runs(encoded, tokenizer))
+        style = {MASKED: _DIM, TRAINED: _GREEN, REASONING: _MAGENTA}
+        return "".join(f"{style[kind]}{text}{_RESET}" for kind, text in _runs(sample, tokenizer))
+    marks = {MASKED: ("", ""), TRAINED: ("[[", "]]"), REASONING: ("((", "))")}
+    return "".join(marks[kind][0] + text + marks[kind][1] for kind, text in _runs(sample, tokenizer))
 
 
 def highlight_html(report: DataReport, tokenizer: Any) -> str:
     sections = []
     for line, encoded in report.examples:
-        body = "".join(
-            f'<span class="{"trained" if t else "masked"}">{html.escape(text)}</span>'
-            for t, text in _runs(encoded, tokenizer)
-        )
-        sections.append(f"<h2>{html.escape(report.path)}:{line}</h2><pre>{body}</pre>")
+        for n, sample in enumerate(encoded.samples):
+            body = "".join(
+                f'<span class="{kind}">{html.escape(text)}</span>' for kind, text in _runs(sample, tokenizer)
+            )
+            sections.append(f"<h2>{html.escape(sample_title(report.path, line, encoded, n))}</h2><pre>{body}</pre>")
     return (
         "<!doctype html><meta charset='utf-8'><title>sftcore data inspection</title><style>"
         "body{font-family:sans-serif} pre{white-space:pre-wrap;font-size:13px}"
-        ".trained{background:#c8f7c5;color:#064} .masked{color:#777}</style>"
-        f"<h1>Trained tokens (green) in {html.escape(report.path)}</h1>"
+        ".trained{background:#c8f7c5;color:#064} .reasoning{background:#f3d1f4;color:#606}"
+        " .masked{color:#777}</style>"
+        f"<h1>Trained tokens (green; reasoning in purple) in {html.escape(report.path)}</h1>"
         f"<pre>{html.escape(format_report(report))}</pre>" + "".join(sections)
     )

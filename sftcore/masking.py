@@ -1,164 +1,242 @@
-"""Render a conversation with the tokenizer's own chat template and mark exactly the trained tokens.
+"""Render a conversation with the model's own chat template into training samples whose labels mark
+exactly the tokens the model writes.
 
-How the mask is found, for any template (no ``{% generation %}`` tags needed):
+How, for any template (no ``{% generation %}`` tags needed):
 
-1. Render the whole conversation once; ``input_ids`` are that text tokenized, exactly what the
-   model sees at inference time.
-2. For every trained assistant message i, render ``messages[:i]`` with the generation prompt (what
-   the model is given before it speaks) and ``messages[:i+1]`` (the conversation once it has
-   spoken). Both must be prefixes of the full render. The characters between them, minus the
-   whitespace the template adds after the end-of-turn token, are what the model generates: its
-   content, its tool calls and the end-of-turn token.
-3. Tokens overlapping those character spans are trained (offsets from the fast tokenizer).
+1. For each trained assistant turn i, the template renders ``messages[:i]`` with the generation
+   prompt (the context the model is given at inference when it writes that turn) and
+   ``messages[:i+1]`` without it (the conversation once the turn is the newest one). What the second
+   adds to the first is the turn as the model writes it: reasoning, content, tool calls and the stop
+   token (gpt-oss's ``<|return|>`` included), less the whitespace after it and less text a template
+   adds only where a conversation ends (Phi's EOS). Where the generation prompt pre-fills a think
+   block the rendered turn lacks (QwQ, DeepSeek-R1 distills), the turn follows the pre-filled block;
+   where it opens one the template never shows (DeepSeek-R1, V3.1), the turn's reasoning is written
+   into it and closed with ``</think>``.
+2. Templates that keep earlier turns verbatim make each turn's context + text a prefix of the next
+   one's: the row is one sample, the render through its last trained turn. Templates that rewrite
+   history (Qwen3 keeps reasoning only after the last user message and gives the newest turn an
+   empty think block; gpt-oss ends only the newest final answer with ``<|return|>``; Mistral moves
+   the system prompt into the last user turn) break that chain; the row is then split into samples,
+   each a run of consecutive turns the template keeps verbatim, so that every turn is trained in
+   exactly the context it has at inference and in no other. ``history_rewrites="refuse"`` refuses
+   such rows instead. The token overhead is counted: ``row_tokens`` (the row as one sequence)
+   against the samples' tokens.
+3. Tokens overlapping each turn's character span are trained (offsets from the fast tokenizer).
 
-If a prefix is not a prefix of the full render, the template rewrites earlier turns (e.g. strips
-``<think>`` from all but the last assistant message). No exact mask exists for such a row in one
-sequence, so it is refused with reason ``template_rewrites_history`` rather than trained with a
-shifted mask.
-
-Templates that cannot render tool calls, ``tool`` messages or a ``tools`` list get them in one
-documented plain-text form (see ``adapt_to_template``) so tool calls are trained, never rendered as
-"None" or as an empty turn.
+Length (``max_seq_length``): turns whose sample does not fit follow ``overflow``: ``window`` trains
+them with the system prompt, the first user message and as much recent history as fits (without
+the system prompt if even that does not fit); ``truncate`` drops them. A turn that does not fit on
+its own is dropped. All of it is counted, and text a template drops (e.g. Llama-3's assistant text
+beside a tool call) is reported by reason: nothing is lost silently.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from sftcore.data import Conversation, DataError, parse_row
+from sftcore.data import THINK_CLOSE, THINK_OPEN, Conversation, DataError, parse_row
+from sftcore.templates import TemplateConversation, TemplateSupport, adapt_to_template, render, template_support
 
 IGNORE_INDEX = -100
-_PROBE = "sftcore_probe_7f3a"
+HISTORY_REWRITES = ("split", "refuse")
+OVERFLOW = ("window", "truncate")
+FULL_HISTORY, WINDOW, WINDOW_NO_SYSTEM = "full", "window", "window_no_system"
+_WINDOW_OMISSIONS = {
+    WINDOW: ("history_shortened", "is trained with the system prompt, the first user message and recent history"),
+    WINDOW_NO_SYSTEM: ("system_prompt_left_out", "is trained without the system prompt, which alone does not fit"),
+}
 
 
 @dataclass(frozen=True)
-class TemplateSupport:
-    """What a chat template renders natively (probed once per template)."""
+class EncodeOptions:
+    """How rows become samples (set from TrainConfig: --max_seq_length, --history_rewrites, --overflow,
+    --train_on)."""
 
-    tool_calls: bool
-    tool_role: bool
-    tools: bool
-
-
-_support_by_template: dict[str, TemplateSupport] = {}
-
-
-def render(tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    max_seq_length: int | None = None
+    history_rewrites: str = "split"
+    overflow: str = "window"
+    train_on: str = "all"
 
 
-def _renders_marker(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None) -> bool:
+@dataclass
+class Sample:
+    """One training sequence: input_ids, and labels that are -100 except on trained tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    turns: list[int]  # trained turns, as ordinals among the row's trained turns (0-based)
+    history: str  # FULL_HISTORY, WINDOW (recent history that fits) or WINDOW_NO_SYSTEM
+    reasoning: list[tuple[int, int]] = field(default_factory=list)  # [first, last) token ranges of trained reasoning
+
+
+@dataclass
+class EncodedRow:
+    samples: list[Sample]
+    row_tokens: int  # tokens of the row as one sequence through its last trained turn
+    trained_turns: int
+    windowed_turns: int  # trained with a shortened history (--overflow window)
+    dropped_turns: int  # turns that fit nowhere (not trained)
+    # (reason, what): what of the row is not in the samples as the row has it: a turn too long to fit, the
+    # history left out so that a turn fits, text the template drops
+    omissions: list[tuple[str, str]]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.samples)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(sum(label != IGNORE_INDEX for label in s.labels) for s in self.samples)
+
+    def stats(self) -> dict[str, Any]:
+        """The counts LineCounts.add_row takes."""
+        return {
+            "samples": len(self.samples),
+            "tokens": self.num_tokens,
+            "trained_tokens": self.num_trained,
+            "row_tokens": self.row_tokens,
+            "trained_turns": self.trained_turns,
+            "windowed_turns": self.windowed_turns,
+            "dropped_turns": self.dropped_turns,
+            "omissions": self.omissions,
+        }
+
+
+@dataclass
+class _Turn:
+    """One trained turn rendered in one view of the conversation."""
+
+    ordinal: int  # among the row's trained turns
+    message: int  # index into the template conversation
+    context: str  # the template's render of what precedes the turn, with the generation prompt
+    text: str  # what the model writes for the turn
+    whole: str  # the view through this turn rendered as one conversation
+
+    @property
+    def sample_text(self) -> str:
+        return self.context + self.text
+
+
+def _render_row(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool, thinking: bool
+) -> str:
     try:
-        return _PROBE in render(tokenizer, messages, tools, add_generation_prompt=False)
-    except Exception:  # a template may raise anything (TemplateError, TypeError, ...) on what it can't render
-        return False
-
-
-def template_support(tokenizer: Any) -> TemplateSupport:
-    """Probe the tokenizer's chat template for tool support; cached per template text."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("the tokenizer has no chat template; use an instruct/chat model or set one on the tokenizer")
-    if template not in _support_by_template:
-        call = {"type": "function", "function": {"name": _PROBE, "arguments": {"x": 1}}}
-        user = {"role": "user", "content": "hi"}
-        tool_calls = _renders_marker(tokenizer, [user, {"role": "assistant", "content": "", "tool_calls": [call]}])
-        caller = (
-            {"role": "assistant", "content": "", "tool_calls": [call]}
-            if tool_calls
-            else _fold_tool_calls({"role": "assistant", "content": "", "tool_calls": [call]})
-        )
-        tool_role = _renders_marker(tokenizer, [user, caller, {"role": "tool", "content": _PROBE, "name": "f"}])
-        schema = {"type": "function", "function": {"name": _PROBE, "description": "", "parameters": {}}}
-        tools = _renders_marker(tokenizer, [user], [schema])
-        _support_by_template[template] = TemplateSupport(tool_calls=tool_calls, tool_role=tool_role, tools=tools)
-    return _support_by_template[template]
-
-
-def _fold_tool_calls(message: dict) -> dict:
-    """An assistant message with its tool calls written into the content (for templates that drop them)."""
-    blocks = [
-        "<tool_call>\n"
-        + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
-        + "\n</tool_call>"
-        for c in message["tool_calls"]
-    ]
-    content = "\n".join(([message["content"]] if message["content"] else []) + blocks)
-    return {"role": "assistant", "content": content}
-
-
-def _tools_block(tools: list[dict]) -> str:
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return (
-        "# Tools\n\nYou may call these functions:\n<tools>\n" + listing + "\n</tools>\n\n"
-        'To call one, reply with:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
-        "</tool_call>"
-    )
-
-
-def adapt_to_template(conv: Conversation, support: TemplateSupport) -> Conversation:
-    """The conversation in a form the template renders faithfully.
-
-    - tool calls, if the template drops them: appended to the assistant content as
-      ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks (one per call);
-    - ``tool`` messages, if the template cannot render that role: a user turn holding
-      ``<tool_response>\\n...\\n</tool_response>``;
-    - a ``tools`` list, if the template ignores it: a "# Tools" block at the end of the system
-      message (a system message is added if the row has none).
-    """
-    messages, trained = [], []
-    for message, is_trained in zip(conv.messages, conv.trained, strict=True):
-        if message.get("tool_calls") and not support.tool_calls:
-            message = _fold_tool_calls(message)
-        elif message["role"] == "tool" and not support.tool_role:
-            message = {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
-        messages.append(message)
-        trained.append(is_trained)
-    tools = conv.tools
-    if tools and not support.tools:
-        block = _tools_block(tools)
-        if messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + block}
-        else:
-            messages.insert(0, {"role": "system", "content": block})
-            trained.insert(0, False)
-        tools = None
-    return Conversation(messages=messages, trained=trained, tools=tools)
-
-
-def _render_row(tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
-    try:
-        return render(tokenizer, messages, tools, add_generation_prompt)
+        return render(tokenizer, messages, tools, add_generation_prompt, thinking)
     except Exception as e:  # the template's own complaint (e.g. "roles must alternate") is the useful message
         raise DataError(
             f"the chat template cannot render this row: {type(e).__name__}: {e}", "template_error"
         ) from None
 
 
-def assistant_char_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The full render and, per trained assistant message, the character span the model generates."""
-    text = _render_row(tokenizer, conv.messages, conv.tools, add_generation_prompt=False)
-    spans = []
-    for i, is_trained in enumerate(conv.trained):
-        if not is_trained:
-            continue
-        before = _render_row(tokenizer, conv.messages[:i], conv.tools, add_generation_prompt=True)
-        through = _render_row(tokenizer, conv.messages[: i + 1], conv.tools, add_generation_prompt=False)
-        if not (text.startswith(before) and text.startswith(through) and len(through) >= len(before)):
-            raise DataError(
-                f"the chat template renders message {i} (assistant) differently once later turns follow "
-                "(it rewrites history, e.g. drops <think> from earlier turns), so no exact loss mask exists "
-                "for this row as one sequence; remove reasoning from earlier assistant turns or use a template "
-                "that keeps history verbatim",
-                "template_rewrites_history",
-            )
-        spans.append((len(before), max(len(through.rstrip()), len(before))))
-    return text, spans
+def _prefilled_think(before: str, through: str) -> int | None:
+    """Where the turn starts in ``through`` when the generation prompt pre-fills a think block that the
+    rendered turn lacks (QwQ and DeepSeek-R1 distills outside thinking mode end it with "<think>\n</think>")."""
+    cut = before.rfind(THINK_OPEN)
+    if cut < 0 or before[cut:].replace(THINK_OPEN, "").replace(THINK_CLOSE, "").strip():
+        return None
+    return cut if through.startswith(before[:cut]) else None
+
+
+def _realigned(before: str, through: str) -> int | None:
+    """Where the turn starts in ``through`` when adding it changes the context just before it: Mistral
+    places the system prompt in the last user message only while that message is last; gpt-oss shows an
+    earlier tool call's analysis only until a final answer follows; Hermes ends a last tool result
+    differently. The turn starts after the longest tail of ``before`` found in ``through`` past their
+    common beginning; that tail must hold the context's end (at least 16 characters of it)."""
+    common = len(os.path.commonprefix([before, through]))
+    low, high = common, len(before)  # smallest k such that before[k:] occurs in through[common:]
+    while low < high:
+        middle = (low + high) // 2
+        if before[middle:] in through[common:]:
+            high = middle
+        else:
+            low = middle + 1
+    tail = before[low:]
+    if len(tail) < min(len(before) - common, 16):
+        return None
+    start = through.find(tail, common) + len(tail)
+    return start if start < len(through) else None
+
+
+def _prefilled(before: str, through: str) -> int | None:
+    """Where the turn starts in ``through`` when the generation prompt ends with a short pre-filled block
+    the rendered turn lacks, other than think tags (Gemma-4's empty thought channel, Command-R7B's empty
+    thinking block): the turn follows it. The block starts after the common beginning, backed up to the
+    end of the last line or tag."""
+    common = len(os.path.commonprefix([before, through]))
+    common = max(before.rfind("\n", 0, common), before.rfind(">", 0, common)) + 1
+    prefill = before[common:]
+    return common if 0 < len(prefill) <= 64 and common < len(through) else None
+
+
+def _turn_text(before: str, through: str, reasoning: str | None, ordinal: int) -> str:
+    """What the model writes after ``before`` (the generation prompt) to arrive at ``through``."""
+    start = len(before) if through.startswith(before) else None
+    for find in (_prefilled_think, _realigned, _prefilled):
+        start = find(before, through) if start is None else start
+    if start is None:
+        raise DataError(
+            f"the chat template renders assistant turn {ordinal + 1} in a way that does not follow its own "
+            "generation prompt, so it is unclear what the model writes there; fix the template or pass a "
+            "--chat_template that agrees with itself",
+            "template_error",
+        )
+    text = through[start:]
+    if before.rstrip().endswith(THINK_OPEN) and not (reasoning and reasoning.strip() in text):
+        # The generation prompt opens a think block and the template does not show the reasoning in it
+        # (DeepSeek-R1 strips it from every turn): the model writes its reasoning there and closes the block.
+        if text.lstrip().startswith(THINK_CLOSE):
+            text = (reasoning or "") + text
+        else:
+            close = f"\n{THINK_CLOSE}\n\n" if before.endswith("\n") else THINK_CLOSE
+            text = (reasoning or "") + close + text
+    return text
+
+
+def _render_turn(
+    tokenizer: Any,
+    tc: TemplateConversation,
+    support: TemplateSupport,
+    view: list[int],
+    message: int,
+    ordinal: int,
+    replaced: dict[int, dict] | None = None,
+) -> _Turn:
+    """The turn tc.messages[message] rendered in a view of the conversation (the indices of the messages
+    shown, some of them possibly ``replaced``)."""
+    messages = [(replaced or {}).get(k, tc.messages[k]) for k in view]
+    position = view.index(message)
+    reasoning = tc.reasoning[message]
+    thinking = reasoning is not None
+    before = _render_row(tokenizer, messages[:position], tc.tools, True, thinking)
+    rendered = _render_row(tokenizer, messages[: position + 1], tc.tools, False, thinking)
+    through = rendered.removesuffix(
+        support.end_text
+    ).rstrip()  # whitespace after the end-of-turn token is not generated
+    text = _turn_text(before, through, reasoning, ordinal)
+    if support.turn_stops:
+        # The turn ends without an end-of-turn token (GLM): the model stops by writing the token that opens
+        # the next message (or, where the row ends, a user message).
+        following = tc.messages[message + 1]["role"] if message + 1 < len(tc.messages) else "user"
+        stop = dict(support.turn_stops).get(following, "")
+        text, through = text + stop, through + stop
+    return _Turn(ordinal=ordinal, message=message, context=before, text=text, whole=through)
+
+
+def _chains(turns: list[_Turn]) -> list[list[_Turn]]:
+    """Runs of consecutive turns each of whose context + text is a prefix of the next one's: turns the
+    template keeps verbatim, trainable together in one sample (the render through the run's last turn)."""
+    runs: list[list[_Turn]] = []
+    for turn in turns:
+        if runs and turn.sample_text.startswith(runs[-1][-1].sample_text):
+            runs[-1].append(turn)
+        else:
+            runs.append([turn])
+    return runs
 
 
 def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> tuple[int, int]:
@@ -168,50 +246,330 @@ def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> t
     return first, max(first, last)
 
 
-def encode_conversation(conv: Conversation, tokenizer: Any, max_seq_length: int | None = None) -> dict[str, Any]:
-    conv = adapt_to_template(conv, template_support(tokenizer))
-    text, spans = assistant_char_spans(tokenizer, conv)
+@dataclass
+class _Tokenized:
+    ids: list[int]
+    starts: list[int]
+    ends: list[int]
+
+    def span(self, begin: int, end: int) -> tuple[int, int]:
+        return _token_range(self.starts, self.ends, (begin, end))
+
+
+def _tokenize(tokenizer: Any, text: str, shift: int = 0) -> _Tokenized:
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    starts = [start for start, _ in encoding["offset_mapping"]]
-    ends = [end for _, end in encoding["offset_mapping"]]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    turns = [_token_range(starts, ends, span) for span in spans]
-    for first, last in turns:
-        labels[first:last] = input_ids[first:last]
+    offsets = encoding["offset_mapping"]
+    return _Tokenized(list(encoding["input_ids"]), [s + shift for s, _ in offsets], [e + shift for _, e in offsets])
 
-    truncated, dropped_turns = False, 0
-    if max_seq_length is not None and len(input_ids) > max_seq_length:
-        # Keep the beginning (system prompt, first turns) and whole assistant turns only: a turn cut
-        # in half would teach the model to stop mid-answer without its end-of-turn token.
-        kept = [t for t in turns if t[1] <= max_seq_length]
-        if not kept:
-            raise DataError(
-                f"too long: {len(input_ids)} tokens and the first assistant turn ends at token {turns[0][1]}, "
-                f"past max_seq_length={max_seq_length}",
-                "too_long",
+
+_splitting_ids: dict[int, frozenset[int]] = {}
+
+
+def _special_split_ids(tokenizer: Any) -> frozenset[int]:
+    """Special tokens after which the tokenization of a text does not depend on what precedes them (the
+    fast tokenizer splits the text at added tokens first), checked once per tokenizer; empty where that
+    does not hold (e.g. a SentencePiece pre-tokenizer that marks the start of every piece)."""
+    if id(tokenizer) not in _splitting_ids:
+        special = {
+            i
+            for i, token in tokenizer.added_tokens_decoder.items()
+            if token.special and not token.rstrip and not token.normalized
+        }
+        marker = next((tokenizer.convert_ids_to_tokens(i) for i in sorted(special)), None)
+        tails = [" hello world", "\nHello,  world", 'héllo {"a": 1}', "  two"]
+        independent = marker is not None and all(
+            _tokenize(tokenizer, "say" + marker + tail).ids
+            == _tokenize(tokenizer, "say" + marker).ids + _tokenize(tokenizer, tail).ids
+            for tail in tails
+        )
+        _splitting_ids[id(tokenizer)] = frozenset(special if independent else ())
+    return _splitting_ids[id(tokenizer)]
+
+
+class _RowTokenizer:
+    """Tokenizes the many overlapping texts of one row (a turn's sample, the next turn's, windows that
+    share the system prompt): a new text reuses the tokens of an earlier one up to the last special token
+    inside their common beginning, and only the rest is tokenized. Exact: see _special_split_ids."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.split_ids = _special_split_ids(tokenizer)
+        self.done: list[tuple[str, _Tokenized]] = []
+
+    def __call__(self, text: str) -> _Tokenized:
+        cut, reused = 0, _Tokenized([], [], [])
+        for earlier, tokens in self.done[-4:]:
+            common = len(os.path.commonprefix([earlier, text]))
+            j = bisect.bisect_right(tokens.ends, common) - 1  # last token that ends within the common part
+            while j >= 0 and tokens.ids[j] not in self.split_ids:
+                j -= 1
+            if j >= 0 and tokens.ends[j] > cut:
+                cut, n = tokens.ends[j], j + 1
+                reused = _Tokenized(tokens.ids[:n], tokens.starts[:n], tokens.ends[:n])
+        rest = _tokenize(self.tokenizer, text[cut:], shift=cut)
+        tokens = _Tokenized(reused.ids + rest.ids, reused.starts + rest.starts, reused.ends + rest.ends)
+        self.done.append((text, tokens))
+        return tokens
+
+
+def _sample(tokens: _Tokenized, run: list[_Turn], tc: TemplateConversation, history: str) -> Sample:
+    """The sample for a run of turns, cut right after the last turn's stop token."""
+    spans = [tokens.span(len(t.context), len(t.sample_text)) for t in run]
+    end = spans[-1][1]
+    labels = [IGNORE_INDEX] * end
+    reasoning = []
+    for turn, (first, last) in zip(run, spans, strict=True):
+        labels[first:last] = tokens.ids[first:last]
+        shown = (tc.reasoning[turn.message] or "").strip()
+        at = turn.text.find(shown) if shown else -1
+        if at >= 0:
+            begin = len(turn.context) + at
+            reasoning.append(tokens.span(begin, begin + len(shown)))
+    return Sample(
+        input_ids=tokens.ids[:end], labels=labels, turns=[t.ordinal for t in run], history=history, reasoning=reasoning
+    )
+
+
+def _shows(text: str, piece: str) -> bool:
+    """Whether a rendered text contains a message's text (as is, or JSON-escaped as some templates put it)."""
+    piece = piece.strip()
+    return not piece or piece in text or json.dumps(piece, ensure_ascii=False)[1:-1] in text
+
+
+def _dropped_by_template(turns: list[_Turn], tc: TemplateConversation) -> list[tuple[str, str]]:
+    """What the template leaves out: of each trained turn, in the text the model is trained to write; of
+    every other message, in the context of the next trained turn. Each is (reason, description)."""
+    omissions = []
+    for turn in turns:
+        where = f"assistant turn {turn.ordinal + 1}"
+        for source in tc.sources[turn.message]:
+            if not _shows(turn.text, source["content"]):
+                reason = (
+                    "template_drops_text_beside_tool_calls" if source.get("tool_calls") else "template_drops_content"
+                )
+                omissions.append((reason, f"{where}: its text is not in the rendered turn"))
+            if source.get("reasoning_content") and not _shows(turn.text, source["reasoning_content"]):
+                omissions.append(("template_drops_reasoning", f"{where}: its reasoning is not in the rendered turn"))
+            names = [c["function"]["name"] for c in source.get("tool_calls", [])]
+            if any(turn.text.count(name) < names.count(name) for name in names):
+                what = f"{where}: not all of its {len(names)} tool calls render"
+                omissions.append(("template_drops_tool_calls", what))
+    trained = {t.message for t in turns}
+    for k in range(turns[-1].message):
+        if k in trained:
+            continue
+        seen_by = next(t for t in turns if t.message > k)
+        for source in tc.sources[k]:
+            if not _shows(seen_by.context, source["content"]):
+                role = source["role"]
+                reason = (
+                    "template_drops_text_beside_tool_calls" if source.get("tool_calls") else f"template_drops_{role}"
+                )
+                omissions.append(
+                    (reason, f"a {role} message before assistant turn {seen_by.ordinal + 1} is not in its context")
+                )
+    return omissions
+
+
+@dataclass
+class _Head:
+    """What a shortened history keeps before its recent messages."""
+
+    history: str  # WINDOW or WINDOW_NO_SYSTEM
+    messages: list[int]  # indices into the template conversation
+    replaced: dict[int, dict]  # messages shown in another form (the first one without a folded system prompt)
+
+
+class _Windows:
+    """Shortened histories for turns whose full history does not fit: the system prompt, the first user
+    message and as much recent history as fits; failing that, the same without the system prompt.
+
+    Where the history resumes is first estimated from the messages' sizes (their tokens, plus the
+    template's per message on this row), then settled with exact renders near the budget: long
+    candidates that could never fit are neither rendered nor tokenized."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        tokenize: _RowTokenizer,
+        tc: TemplateConversation,
+        support: TemplateSupport,
+        budget: int,
+        full: int,
+    ):
+        """``full``: the tokens of the whole conversation as one sample, to calibrate the size estimate."""
+        self.tokenizer, self.tokenize, self.tc, self.support, self.budget = tokenizer, tokenize, tc, support, budget
+        self.sizes = self._sizes(tc.messages)
+        # the template's own tokens per message (headers, end-of-turn), on average over this row
+        self.overhead = (full - sum(self.sizes)) / len(self.sizes)
+        systems = []
+        for k, m in enumerate(tc.messages):
+            if m["role"] != "system":
+                break
+            systems.append(k)
+        first_user = next((k for k, m in enumerate(tc.messages) if m["role"] == "user"), None)
+        user = [first_user] if first_user is not None else []
+        self.heads = [_Head(WINDOW, systems + user, {})]
+        if systems:
+            self.heads.append(_Head(WINDOW_NO_SYSTEM, user, {}))
+        elif tc.first_without_system is not None:  # a template without system role: it opens the first message
+            self.heads.append(_Head(WINDOW_NO_SYSTEM, [0], {0: tc.first_without_system}))
+            self.replaced_size = self._sizes([tc.first_without_system])[0]
+
+    def _sizes(self, messages: list[dict]) -> list[int]:
+        texts = [json.dumps(m, ensure_ascii=False) for m in messages]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    @staticmethod
+    def _view(head: _Head, start: int, message: int) -> list[int]:
+        return [k for k in head.messages if k < start] + list(range(start, message + 1))
+
+    def _fitting(self, head: _Head, start: int, turn: _Turn) -> tuple[_Turn, _Tokenized] | None:
+        view = self._view(head, start, turn.message)
+        try:
+            rendered = _render_turn(
+                self.tokenizer, self.tc, self.support, view, turn.message, turn.ordinal, head.replaced
             )
-        cut = kept[-1][1]
-        input_ids, labels = input_ids[:cut], labels[:cut]
-        truncated, dropped_turns = True, len(turns) - len(kept)
+        except DataError:  # the template refuses this cut of the conversation
+            return None
+        tokens = self.tokenize(rendered.sample_text)
+        return (rendered, tokens) if len(tokens.ids) <= self.budget else None
 
-    if all(label == IGNORE_INDEX for label in labels):
+    def _estimate(self, head: _Head, start: int, message: int) -> float:
+        sizes = [self.replaced_size if k in head.replaced else self.sizes[k] for k in self._view(head, start, message)]
+        return sum(sizes) + self.overhead * len(sizes)
+
+    def _may_fit(self, head: _Head, start: int, message: int) -> bool:
+        return self._estimate(head, start, message) <= 1.1 * self.budget + 16  # estimates are within ~10%
+
+    def samples(self, turns: list[_Turn]) -> tuple[list[Sample], list[_Turn]]:
+        """(samples, turns that fit in no window)."""
+        samples, unfit, i = [], [], 0
+        while i < len(turns):
+            found = self._shortest_cut(turns[i])
+            i += 1
+            if found is None:
+                unfit.append(turns[i - 1])
+                continue
+            head, start, (turn, tokens) = found
+            run = [turn]
+            # Later turns join while the template keeps the run verbatim and it still fits.
+            while i < len(turns) and self._may_fit(head, start, turns[i].message):
+                following = self._fitting(head, start, turns[i])
+                if following is None or not following[0].sample_text.startswith(run[-1].sample_text):
+                    break
+                (turn, tokens), i = following, i + 1
+                run.append(turn)
+            samples.append(_sample(tokens, run, self.tc, head.history))
+        return samples, unfit
+
+    def _shortest_cut(self, turn: _Turn) -> tuple[_Head, int, tuple[_Turn, _Tokenized]] | None:
+        """(head, start, rendered turn) with the most recent history that fits: the earliest start the size
+        estimate allows, then exact renders, one start earlier or later at a time."""
+        for full_head in self.heads:
+            head = _Head(full_head.history, [k for k in full_head.messages if k < turn.message], full_head.replaced)
+            starts = [
+                k
+                for k in range(max(head.messages, default=-1) + 1, turn.message + 1)
+                if self.tc.messages[k]["role"] in ("user", "assistant")  # never a tool result without its call
+            ]
+            if not starts or not self._may_fit(head, starts[-1], turn.message):
+                continue  # not even the turn alone fits with this head
+            k = next(
+                (n for n, start in enumerate(starts) if self._estimate(head, start, turn.message) <= self.budget),
+                len(starts) - 1,
+            )
+            fitting = self._fitting(head, starts[k], turn)
+            if fitting:  # more history while it still fits
+                while k > 0 and self._may_fit(head, starts[k - 1], turn.message):
+                    earlier = self._fitting(head, starts[k - 1], turn)
+                    if not earlier:
+                        break
+                    k, fitting = k - 1, earlier
+            else:  # less history until it fits
+                while not fitting and k + 1 < len(starts):
+                    k += 1
+                    fitting = self._fitting(head, starts[k], turn)
+            if fitting:
+                return head, starts[k], fitting
+        return None
+
+
+def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptions | None = None) -> EncodedRow:
+    """The conversation as training samples (see the module docstring). Raises DataError for a row the
+    template cannot render, or (reason ``too_long``) one of which no turn fits."""
+    options = options or EncodeOptions()
+    support = template_support(tokenizer)
+    tc = adapt_to_template(conv, support)
+    turn_messages = [k for k, trained in enumerate(tc.trained) if trained]
+    full = [
+        _render_turn(tokenizer, tc, support, list(range(message + 1)), message, ordinal)
+        for ordinal, message in enumerate(turn_messages)
+    ]
+    runs = _chains(full)
+    if len(runs) > 1 and options.history_rewrites == "refuse":
+        raise DataError(
+            f"the chat template renders assistant turn {runs[0][-1].ordinal + 1} differently once later turns "
+            "follow (it rewrites history, e.g. drops reasoning from earlier turns), so the row is not one "
+            "sequence; drop --history_rewrites refuse to train each turn in its own context",
+            "template_rewrites_history",
+        )
+    omissions = _dropped_by_template(full, tc)
+
+    budget = options.max_seq_length
+    tokenize = _RowTokenizer(tokenizer)
+    samples, overflow = [], []
+    last_tokens = None
+    for run in runs:
+        tokens = tokenize(run[-1].sample_text)
+        last_tokens = tokens
+        fitting = [t for t in run if budget is None or tokens.span(len(t.context), len(t.sample_text))[1] <= budget]
+        if fitting:
+            samples.append(_sample(tokens, fitting, tc, FULL_HISTORY))
+        overflow += run[len(fitting) :]
+
+    windowed = 0
+    if overflow and options.overflow == "window":
+        windows = _Windows(tokenizer, tokenize, tc, support, budget, len(last_tokens.ids))
+        window_samples, overflow = windows.samples(overflow)
+        for sample in window_samples:
+            reason, what = _WINDOW_OMISSIONS[sample.history]
+            omissions += [(reason, f"assistant turn {t + 1} {what}") for t in sample.turns]
+        samples += window_samples
+        windowed = sum(len(s.turns) for s in window_samples)
+        samples.sort(key=lambda s: s.turns[0])
+    for turn in overflow:
+        omissions.append(("turn_too_long", f"assistant turn {turn.ordinal + 1} does not fit max_seq_length={budget}"))
+    if not samples:
+        length = len(last_tokens.ids) if last_tokens else 0
+        raise DataError(
+            f"too long: no assistant turn fits max_seq_length={budget} (the row is {length} tokens"
+            + ("" if options.overflow == "window" else "; --overflow window would train turns with recent history")
+            + ")",
+            "too_long",
+        )
+    samples = [s for s in samples if any(label != IGNORE_INDEX for label in s.labels)]
+    if not samples:
         raise DataError("no trained tokens: the template renders the assistant turns as empty", "no_trained_tokens")
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "truncated": truncated,
-        "trained_turns": len(turns) - dropped_turns,
-        "dropped_turns": dropped_turns,
-    }
+
+    whole = full[-1].whole
+    one_sample = len(runs) == 1 and last_tokens is not None and runs[0][-1].sample_text == whole
+    row_tokens = len(last_tokens.ids) if one_sample else len(tokenize(whole).ids)
+    return EncodedRow(
+        samples=samples,
+        row_tokens=row_tokens,
+        trained_turns=sum(len(s.turns) for s in samples),
+        windowed_turns=windowed,
+        dropped_turns=len(overflow),
+        omissions=omissions,
+    )
 
 
-def encode_row(row: dict, tokenizer: Any, max_seq_length: int | None = None) -> dict[str, Any]:
-    """Tokenize one row with the tokenizer's chat template; labels are -100 except on trained tokens.
+def encode_row(row: dict, tokenizer: Any, options: EncodeOptions | None = None) -> EncodedRow:
+    """Tokenize one row with the tokenizer's chat template into training samples.
 
-    ``input_ids`` are the tokens of the full chat-template render (truncated at a whole assistant
-    turn when longer than ``max_seq_length``); ``labels[i] == input_ids[i]`` where trained (the model
-    shifts). Also returns ``truncated``, ``trained_turns`` and ``dropped_turns``. Raises DataError
-    (with a ``reason`` code) for invalid rows and rows left with nothing to train.
-    """
-    return encode_conversation(parse_row(row), tokenizer, max_seq_length)
+    Each sample's ``input_ids`` are the template's own tokens; ``labels[i] == input_ids[i]`` where
+    trained and -100 elsewhere (the model shifts). Raises DataError (with a ``reason`` code) for
+    invalid rows and rows left with nothing to train."""
+    options = options or EncodeOptions()
+    return encode_conversation(parse_row(row, options.train_on), tokenizer, options)

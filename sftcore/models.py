@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sftcore.templates import load_chat_template
+
 logger = logging.getLogger(__name__)
 
 # alias -> (python package that ships the file, GGUF file name)
@@ -65,7 +67,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    """The model's tokenizer; ``chat_template`` (a Jinja file, or a template shipped with sftcore such as
+    'chatml') replaces its own chat template, and is saved with it by save_pretrained."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if chat_template:
+        tokenizer.chat_template = load_chat_template(chat_template)
+    return tokenizer

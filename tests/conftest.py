@@ -76,6 +76,26 @@ def family(request):
     return request.param, tokenizer, template_text(tagged)
 
 
+# name -> verbatim template file, bos, eos and the family's special tokens (added to the SmolLM2 tokenizer
+# so that each marker is one token, as in the family's own tokenizer)
+OFFICIAL_FAMILIES = json.loads((TEMPLATES / "families.json").read_text(encoding="utf-8"))
+_official_tokenizers: dict = {}
+
+
+def official_tokenizer(name: str):
+    """The SmolLM2 tokenizer with a model family's verbatim chat template, special tokens, BOS and EOS."""
+    if name not in _official_tokenizers:
+        family = OFFICIAL_FAMILIES[name]
+        bos, eos = family["bos"], family["eos"]
+        special = family["special_tokens"] + [t for t in (bos, eos) if t]
+        tokenizer = _tokenizer_with_template(template_text(family["template"]), special)
+        if bos:
+            tokenizer.bos_token = bos
+        tokenizer.eos_token = eos
+        _official_tokenizers[name] = tokenizer
+    return _official_tokenizers[name]
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     return _tokenizer_with_template(template_text("qwen25"))

@@ -8,6 +8,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from sftcore.dataset import build_datasets, build_sequences
+from sftcore.masking import EncodeOptions
 
 pytestmark = pytest.mark.slow  # starts a real local Ray
 
@@ -61,7 +62,7 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
     options = {
         "data_path": str(data),
         "model_name_or_path": "smollm2-135m-instruct",
-        "max_seq_length": 1024,
+        "options": EncodeOptions(max_seq_length=1024),
         "validation_split": 0.1,
         "seed": 7,
         "packing": packing,
@@ -79,4 +80,41 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
         assert as_keys(local_train) == as_keys(ray_train)
         assert as_keys(local_validation) == as_keys(ray_validation)
     assert summary.lines == 80 and summary.blank_lines == 1 and [r["line"] for r in summary.rejected] == [11]
-    assert summary.train_rows + summary.validation_rows == 78
+    assert summary.train_rows + summary.validation_rows == summary.rows == 78
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing):
+    """Under Qwen3's template tau-bench rows become several samples each; a row's samples all go to the
+    same split, the counts add up, and the Ray Data and torchrun paths give the same sequences."""
+    import ray
+    from conftest import TEMPLATES
+
+    lines = (SHARED_DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:12]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    options = {
+        "data_path": str(data),
+        "model_name_or_path": "smollm2-135m-instruct",
+        "options": EncodeOptions(max_seq_length=4096),
+        "validation_split": 0.25,
+        "seed": 3,
+        "packing": packing,
+        "chat_template": str(TEMPLATES / "Qwen-Qwen3-0.6B.jinja"),
+    }
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        train, validation, summary = build_datasets(**options)
+        ray_train, ray_validation = list(train.iter_rows()), list(validation.iter_rows())
+    finally:
+        ray.shutdown()
+    ((local_train, local_validation, local_summary),) = in_threads_as_ranks(1, **options)
+    assert local_summary == summary
+    assert as_keys(local_train) == as_keys(ray_train) and as_keys(local_validation) == as_keys(ray_validation)
+    assert (summary.train_rows, summary.validation_rows) == (9, 3) and summary.samples > 12
+    assert summary.split_overhead > 1.5 and summary.trained_turns == summary.samples  # one turn per sample
+    if not packing:
+        train_lines = {row["line"] for row in ray_train}
+        assert not train_lines & {row["line"] for row in ray_validation}
+        assert len(ray_train) + len(ray_validation) == summary.samples

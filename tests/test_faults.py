@@ -337,10 +337,11 @@ def test_ten_thousand_rows_with_hostile_ones_are_all_accounted_for(tmp_path, tin
     stopped = train(tmp_path / "stopped", *args)
     assert stopped.returncode == 2, stopped.stderr[-3000:]
     assert "Traceback" not in stopped.stderr
-    counts = Counter(expected.values())
-    header = f"error: {len(expected)} bad row(s) in {data} ("
+    bad = {number: reason for number, reason in expected.items() if reason != "too_long"}  # too long is not bad
+    counts = Counter(bad.values())
+    header = f"error: {len(bad)} bad row(s) in {data} ("
     assert header + ", ".join(f"{r}: {n}" for r, n in sorted(counts.items())) + ")" in stopped.stderr
-    for number, reason in expected.items():
+    for number, reason in bad.items():
         assert f"{data}:{number}: " in stopped.stderr and f"[{reason}]" in stopped.stderr
     assert not list((tmp_path / "stopped").glob("checkpoint-*"))
 

@@ -8,19 +8,26 @@ import pytest
 from conftest import real_rows
 
 from sftcore import IGNORE_INDEX, DataError, encode_row, parse_row
-from sftcore.masking import adapt_to_template, template_support
+from sftcore.masking import FULL_HISTORY, WINDOW, EncodeOptions, Sample
+from sftcore.templates import adapt_to_template, template_support
 
 REAL_ROWS = real_rows()
 
 
-def trained_mask(encoded: dict) -> list[int]:
-    return [int(label != IGNORE_INDEX) for label in encoded["labels"]]
+def only_sample(row: dict, tokenizer, **options) -> Sample:
+    encoded = encode_row(row, tokenizer, EncodeOptions(**options))
+    assert len(encoded.samples) == 1, "the template keeps history verbatim: the row is one sample"
+    return encoded.samples[0]
 
 
-def trained_texts(encoded: dict, tokenizer) -> list[str]:
+def trained_mask(sample: Sample) -> list[int]:
+    return [int(label != IGNORE_INDEX) for label in sample.labels]
+
+
+def trained_texts(sample: Sample, tokenizer) -> list[str]:
     """The decoded runs of consecutive trained tokens."""
     runs, current = [], []
-    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
         if label != IGNORE_INDEX:
             current.append(token)
         elif current:
@@ -43,6 +50,18 @@ def generation_tag_expectation(row: dict, tokenizer, tagged_template: str) -> tu
         return_assistant_tokens_mask=True,
     )
     return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def assert_is_the_tagged_render_through_its_last_turn(
+    sample: Sample, expected_ids: list[int], expected_mask: list[int]
+):
+    """A one-sample row is the template's render cut right after the last trained turn (what follows it,
+    e.g. a final observation, trains nothing and is left out): ids and mask equal the tagged ones up to
+    there, and the tagged mask has nothing after."""
+    n = len(sample.input_ids)
+    assert sample.input_ids == expected_ids[:n]
+    assert trained_mask(sample) == expected_mask[:n]
+    assert not any(expected_mask[n:])
 
 
 def chatml_scan_expectation(input_ids: list[int], tokenizer) -> list[int]:
@@ -69,37 +88,34 @@ def chatml_scan_expectation(input_ids: list[int], tokenizer) -> list[int]:
 @pytest.mark.parametrize("source,line,row", REAL_ROWS, ids=[f"{s}:{n}" for s, n, _ in REAL_ROWS])
 def test_real_rows_match_generation_tagged_template(family, source, line, row):
     name, tokenizer, tagged = family
-    encoded = encode_row(row, tokenizer)
+    sample = only_sample(row, tokenizer)
     expected_ids, expected_mask = generation_tag_expectation(row, tokenizer, tagged)
-    assert encoded["input_ids"] == expected_ids
-    assert trained_mask(encoded) == expected_mask
+    assert_is_the_tagged_render_through_its_last_turn(sample, expected_ids, expected_mask)
     # input_ids are what the template itself tokenizes to (inference-time tokens)
     conv = adapt_to_template(parse_row(row), template_support(tokenizer))
-    assert encoded["input_ids"] == list(
-        tokenizer.apply_chat_template(conv.messages, tools=conv.tools, tokenize=True, return_dict=True)["input_ids"]
-    )
+    rendered = tokenizer.apply_chat_template(conv.messages, tools=conv.tools, tokenize=True, return_dict=True)
+    assert sample.input_ids == list(rendered["input_ids"])[: len(sample.input_ids)]
 
 
 @pytest.mark.parametrize("source,line,row", REAL_ROWS[::7], ids=[f"{s}:{n}" for s, n, _ in REAL_ROWS[::7]])
 def test_real_rows_match_chatml_token_scan(smollm2_tokenizer, qwen_tokenizer, source, line, row):
     for tokenizer in (smollm2_tokenizer, qwen_tokenizer):
-        encoded = encode_row(row, tokenizer)
-        assert trained_mask(encoded) == chatml_scan_expectation(encoded["input_ids"], tokenizer)
+        sample = only_sample(row, tokenizer)
+        assert trained_mask(sample) == chatml_scan_expectation(sample.input_ids, tokenizer)
 
 
 def test_every_trained_turn_ends_with_the_end_of_turn_token(family):
     name, tokenizer, _ = family
     eot = "<|eot_id|>" if name == "llama3_headers" else "<|im_end|>"
     for _, _, row in REAL_ROWS[:40]:
-        runs = trained_texts(encode_row(row, tokenizer), tokenizer)
+        runs = trained_texts(only_sample(row, tokenizer), tokenizer)
         assert runs and all(run.endswith(eot) for run in runs)
         assert not any(eot + "\n" in run for run in runs)  # whitespace after end-of-turn is not trained
 
 
 def test_role_headers_system_user_and_tool_text_are_never_trained(smollm2_tokenizer):
     row = json.loads(json.dumps(REAL_ROWS[0][2]))
-    encoded = encode_row(row, smollm2_tokenizer)
-    trained = "".join(trained_texts(encoded, smollm2_tokenizer))
+    trained = "".join(trained_texts(only_sample(row, smollm2_tokenizer), smollm2_tokenizer))
     assert "<|im_start|>" not in trained and "assistant\n" not in trained
     assert "Airline Agent Policy" not in trained  # system prompt
     for message in row["output"]:
@@ -172,28 +188,27 @@ EDGE_CASES = {
 def test_edge_cases_match_the_independent_expectation(family, case):
     name, tokenizer, tagged = family
     row = EDGE_CASES[case]
-    encoded = encode_row(row, tokenizer)
+    sample = only_sample(row, tokenizer)
     expected_ids, expected_mask = generation_tag_expectation(row, tokenizer, tagged)
-    assert encoded["input_ids"] == expected_ids
-    assert trained_mask(encoded) == expected_mask
+    assert_is_the_tagged_render_through_its_last_turn(sample, expected_ids, expected_mask)
     assert sum(expected_mask) > 0
 
 
 def test_tool_calls_are_trained_never_rendered_as_none(family):
     name, tokenizer, _ = family
-    encoded = encode_row(EDGE_CASES["only_tool_calls"], tokenizer)
-    first_turn = trained_texts(encoded, tokenizer)[0]
+    sample = only_sample(EDGE_CASES["only_tool_calls"], tokenizer)
+    first_turn = trained_texts(sample, tokenizer)[0]
     assert "get_weather" in first_turn and "Paris" in first_turn and "None" not in first_turn
     assert "<tool_call>" in first_turn  # native (Qwen) or our documented fallback format
-    assert "18C, sunny" not in "".join(trained_texts(encoded, tokenizer))  # the tool result is masked
+    assert "18C, sunny" not in "".join(trained_texts(sample, tokenizer))  # the tool result is masked
 
 
 def test_tools_list_reaches_the_prompt_under_every_template(family):
     name, tokenizer, _ = family
-    encoded = encode_row(EDGE_CASES["consecutive_tool_messages"], tokenizer)
-    text = tokenizer.decode(encoded["input_ids"])
+    sample = only_sample(EDGE_CASES["consecutive_tool_messages"], tokenizer)
+    text = tokenizer.decode(sample.input_ids)
     assert '"description": "first"' in text
-    assert "first" not in "".join(trained_texts(encoded, tokenizer))
+    assert "first" not in "".join(trained_texts(sample, tokenizer))
 
 
 def test_assistant_messages_in_input_are_prompt_not_trained(smollm2_tokenizer):
@@ -202,51 +217,126 @@ def test_assistant_messages_in_input_are_prompt_not_trained(smollm2_tokenizer):
         {"role": "assistant", "content": "Earlier answer"},
         {"role": "user", "content": "Now?"},
     ]
-    encoded = encode_row({"input": json.dumps(history), "output": "Now answer."}, smollm2_tokenizer)
-    assert trained_texts(encoded, smollm2_tokenizer) == ["Now answer.<|im_end|>"]
+    sample = only_sample({"input": json.dumps(history), "output": "Now answer."}, smollm2_tokenizer)
+    assert trained_texts(sample, smollm2_tokenizer) == ["Now answer.<|im_end|>"]
 
 
-def test_template_that_rewrites_history_refuses_the_row(think_tokenizer):
+def test_messages_marked_train_false_are_context_and_presets_narrow_the_rest(smollm2_tokenizer):
     row = {
-        "input": "Q1",
+        "input": "Q",
         "output": [
-            {"role": "assistant", "content": "<think>plan one</think>\nA1"},
-            {"role": "user", "content": "Q2"},
-            {"role": "assistant", "content": "<think>plan two</think>\nA2"},
+            {"role": "assistant", "content": "A wrong call", "train": False},
+            {"role": "user", "content": "Observation: error"},
+            {"role": "assistant", "content": "A fix"},
+            {"role": "user", "content": "Thanks. Done?"},
+            {"role": "assistant", "content": "Done.", "weight": 1},
         ],
     }
+    expectations = {
+        "all": ["A fix<|im_end|>", "Done.<|im_end|>"],
+        "last": ["Done.<|im_end|>"],
+        "final": ["Done.<|im_end|>"],
+    }
+    for train_on, expected in expectations.items():
+        sample = only_sample(row, smollm2_tokenizer, train_on=train_on)
+        assert trained_texts(sample, smollm2_tokenizer) == expected
+        assert "A wrong call" in smollm2_tokenizer.decode(sample.input_ids)  # still context
+    row["output"][-1]["weight"] = 0
+    with pytest.raises(DataError, match="--train_on last selects no trainable") as info:
+        encode_row(row, smollm2_tokenizer, EncodeOptions(train_on="last"))
+    assert info.value.reason == "nothing_to_train"
+
+
+THINKING_ROW = {
+    "input": "Q1",
+    "output": [
+        {"role": "assistant", "content": "<think>plan one</think>\nA1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2", "reasoning_content": "plan two"},
+        {"role": "user", "content": "Q3"},
+        {"role": "assistant", "content": "A3", "reasoning_content": "plan three"},
+    ],
+}
+
+
+def test_a_template_that_rewrites_history_trains_each_turn_in_its_own_context(think_tokenizer):
+    """think_strip drops <think> from every assistant message but the last one it renders. When the model
+    writes A2, the last message it sees is A1, with its reasoning: A1 and A2 train in one sample. When it
+    writes A3, A1's reasoning is gone and A2's is shown: A3 trains in a sample of its own."""
+    encoded = encode_row(THINKING_ROW, think_tokenizer)
+    assert [s.turns for s in encoded.samples] == [[0, 1], [2]]
+    first, second = (think_tokenizer.decode(s.input_ids) for s in encoded.samples)
+    assert trained_texts(encoded.samples[0], think_tokenizer) == [
+        "<think>\nplan one\n</think>\n\nA1<|im_end|>",
+        "<think>\nplan two\n</think>\n\nA2<|im_end|>",
+    ]
+    assert "plan one" not in second and "<|im_start|>assistant\nA1<|im_end|>" in second  # history as rendered
+    assert second.endswith(
+        "<|im_start|>assistant\n<think>\nplan two\n</think>\n\nA2<|im_end|>\n<|im_start|>user\nQ3<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nplan three\n</think>\n\nA3<|im_end|>"
+    )
+    assert trained_texts(encoded.samples[1], think_tokenizer) == ["<think>\nplan three\n</think>\n\nA3<|im_end|>"]
+    assert [len(s.reasoning) for s in encoded.samples] == [2, 1] and encoded.row_tokens < encoded.num_tokens
+
     with pytest.raises(DataError, match="rewrites history") as info:
-        encode_row(row, think_tokenizer)
+        encode_row(THINKING_ROW, think_tokenizer, EncodeOptions(history_rewrites="refuse"))
     assert info.value.reason == "template_rewrites_history"
-    # When only the last turn reasons, no history is rewritten and the mask is exact.
-    row["output"][0]["content"] = "A1"
-    runs = trained_texts(encode_row(row, think_tokenizer), think_tokenizer)
-    assert runs == ["A1<|im_end|>", "<think>plan two</think>\nA2<|im_end|>"]
+    # When only the last turn reasons, no history is rewritten: one sample.
+    plain = json.loads(json.dumps(THINKING_ROW))
+    plain["output"][2].pop("reasoning_content")
+    plain["output"][0]["content"] = "A1"
+    assert trained_texts(only_sample(plain, think_tokenizer, history_rewrites="refuse"), think_tokenizer) == [
+        "A1<|im_end|>",
+        "A2<|im_end|>",
+        "<think>\nplan three\n</think>\n\nA3<|im_end|>",
+    ]
 
 
-def test_truncation_keeps_whole_assistant_turns_and_the_beginning(smollm2_tokenizer):
+def test_truncate_keeps_the_beginning_and_whole_turns_and_counts_the_rest(smollm2_tokenizer):
     row = REAL_ROWS[0][2]
-    full = encode_row(row, smollm2_tokenizer)
-    budget = len(full["input_ids"]) // 2
-    cut = encode_row(row, smollm2_tokenizer, max_seq_length=budget)
-    assert cut["truncated"] and cut["dropped_turns"] > 0
-    assert cut["trained_turns"] + cut["dropped_turns"] == full["trained_turns"]
-    assert len(cut["input_ids"]) <= budget
-    assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]
-    assert cut["labels"] == full["labels"][: len(cut["labels"])]
-    assert smollm2_tokenizer.decode(cut["input_ids"][-1:]) == "<|im_end|>" and cut["labels"][-1] != IGNORE_INDEX
+    full = only_sample(row, smollm2_tokenizer)
+    whole = encode_row(row, smollm2_tokenizer)
+    budget = len(full.input_ids) // 2
+    cut = encode_row(row, smollm2_tokenizer, EncodeOptions(max_seq_length=budget, overflow="truncate"))
+    assert len(cut.samples) == 1 and cut.dropped_turns > 0 and cut.windowed_turns == 0
+    assert cut.trained_turns + cut.dropped_turns == whole.trained_turns
+    assert [r for r, _ in cut.omissions] == ["turn_too_long"] * cut.dropped_turns
+    sample = cut.samples[0]
+    assert len(sample.input_ids) <= budget
+    assert sample.input_ids == full.input_ids[: len(sample.input_ids)]
+    assert sample.labels == full.labels[: len(sample.labels)]
+    assert smollm2_tokenizer.decode(sample.input_ids[-1:]) == "<|im_end|>" and sample.labels[-1] != IGNORE_INDEX
 
 
-def test_rows_that_fit_are_not_truncated(smollm2_tokenizer):
-    encoded = encode_row(EDGE_CASES["consecutive_assistants"], smollm2_tokenizer, max_seq_length=4096)
-    assert not encoded["truncated"] and encoded["dropped_turns"] == 0 and encoded["trained_turns"] == 2
+def test_window_trains_every_later_turn_with_the_start_and_recent_history(smollm2_tokenizer):
+    row = REAL_ROWS[0][2]  # tau-bench: a 1,300-token system prompt, 15 assistant turns
+    whole = encode_row(row, smollm2_tokenizer)
+    budget = 2048
+    windowed = encode_row(row, smollm2_tokenizer, EncodeOptions(max_seq_length=budget))
+    truncated = encode_row(row, smollm2_tokenizer, EncodeOptions(max_seq_length=budget, overflow="truncate"))
+    assert windowed.samples[0] == truncated.samples[0]  # what fits with full history is trained alike
+    assert windowed.dropped_turns == 0 and windowed.trained_turns == whole.trained_turns
+    assert windowed.windowed_turns == truncated.dropped_turns > 0
+    assert sorted(t for s in windowed.samples for t in s.turns) == list(range(whole.trained_turns))
+    system = json.loads(row["input"])[0]["content"][:60]
+    first_user = json.loads(row["input"])[1]["content"]
+    for sample in windowed.samples[1:]:
+        text = smollm2_tokenizer.decode(sample.input_ids)
+        assert sample.history == WINDOW and len(sample.input_ids) <= budget
+        assert text.startswith("<|im_start|>system\n" + system) and first_user in text
+    # The last turn is trained exactly as in the full render, only with less history before it.
+    last = trained_texts(windowed.samples[-1], smollm2_tokenizer)[-1]
+    assert last == trained_texts(whole.samples[0], smollm2_tokenizer)[-1]
+    assert {r for r, _ in windowed.omissions} == {"history_shortened"}
+    assert all(s.history == FULL_HISTORY for s in truncated.samples)
 
 
-def test_a_row_whose_only_assistant_turn_is_cut_is_refused_as_too_long(smollm2_tokenizer):
+def test_a_row_whose_only_assistant_turn_does_not_fit_is_too_long_not_bad(smollm2_tokenizer):
     row = {"input": "Summarise.", "output": "word " * 500}
-    with pytest.raises(DataError, match="max_seq_length=64") as info:
-        encode_row(row, smollm2_tokenizer, max_seq_length=64)
-    assert info.value.reason == "too_long"
+    for overflow in ("window", "truncate"):
+        with pytest.raises(DataError, match="max_seq_length=64") as info:
+            encode_row(row, smollm2_tokenizer, EncodeOptions(max_seq_length=64, overflow=overflow))
+        assert info.value.reason == "too_long"
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error(smollm2_tokenizer):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import sftcore.loop
 from sftcore.loop import TrainedTokenLoss, collate
-from sftcore.masking import IGNORE_INDEX, encode_row
+from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_row
 from sftcore.packing import best_fit_decreasing, pack_rows
 
 
@@ -33,11 +33,11 @@ def test_best_fit_decreasing_places_every_row_once_within_budget():
 @pytest.fixture(scope="module")
 def encoded_rows(smollm2_tokenizer):
     rows = [row for name, _, row in real_rows() if name == REAL_DATA_FILES[1].name][:12]
-    encoded = [encode_row(row, smollm2_tokenizer, 1024) for row in rows]
+    encoded = [encode_row(row, smollm2_tokenizer, EncodeOptions(max_seq_length=1024)).samples[0] for row in rows]
     return {
-        "input_ids": [np.asarray(e["input_ids"], dtype=np.int32) for e in encoded],
-        "labels": [np.asarray(e["labels"], dtype=np.int64) for e in encoded],
-        "num_trained": [sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded],
+        "input_ids": [np.asarray(e.input_ids, dtype=np.int32) for e in encoded],
+        "labels": [np.asarray(e.labels, dtype=np.int64) for e in encoded],
+        "num_trained": [sum(label != IGNORE_INDEX for label in e.labels) for e in encoded],
     }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import COMMON, losses, train, write_rows
+from conftest import COMMON, REPO, SHARED_DATA, losses, train, write_rows
+from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -129,11 +130,31 @@ def test_bad_rows_stop_before_training_or_are_skipped_and_written(tmp_path, tiny
     assert f"{data}:7: missing field(s): output" in stopped.stderr and f"{data}:8: not valid JSON" in stopped.stderr
     assert "Traceback" not in stopped.stderr and not (tmp_path / "stopped" / "final").exists()
 
-    skipped = train(tmp_path / "skipped", *base, "--on_bad_rows", "skip")
+    skipped = train(tmp_path / "skipped", *base, "--on_bad_rows", "skip", "--chat_template", "chatml")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     rejected = [json.loads(line) for line in (tmp_path / "skipped" / "rejected_rows.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejected] == [(7, "missing_field"), (8, "invalid_json")]
     assert "6 train rows" in skipped.stderr
+    # --chat_template is what the run trained with, and what final/'s tokenizer renders with
+    shipped = (REPO / "sftcore" / "chat_templates" / "chatml.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(tmp_path / "skipped" / "final").chat_template == shipped
+
+
+def test_long_agent_runs_train_at_1024_tokens_with_default_flags_and_report_what_did_not_fit(tmp_path, tiny_model):
+    """tau-bench rows run to several thousand tokens and their system prompt alone is ~1,340: with the
+    default --overflow window every turn still trains (without the system prompt), and the run says so."""
+    out = tmp_path / "run"
+    data = SHARED_DATA / "taubench_airline_dev.jsonl"
+    args = ["--data_path", str(data), "--model_name_or_path", tiny_model, "--max_seq_length", "1024"]
+    result = train(out, *args, "--max_steps", "2", "--report_to", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 rejected) -> 54 train rows, 6 validation rows" in result.stderr
+    assert "790 turns trained, 790 of them with a shortened history, 0 did not fit 1024 tokens" in result.stderr
+    assert "system_prompt_left_out: 790 in 60 row(s)" in result.stderr
+    listed = [json.loads(line) for line in (out / "rejected_rows.jsonl").read_text().splitlines()]
+    assert len(listed) == 790 and all(entry["row_trained"] for entry in listed)
+    assert {entry["line"] for entry in listed} == set(range(1, 61))
+    assert (out / "final" / "manifest.json").exists()
 
 
 def test_missing_data_file_is_one_line(tmp_path):

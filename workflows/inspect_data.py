@@ -1,7 +1,11 @@
-"""Show what a trajectory file will train: counts, rejects by reason with line numbers, highlighted examples.
+"""Show what a trajectory file will train: counts, rejects and text not trained by reason with line
+numbers, and highlighted samples (trained text in green, its reasoning in magenta).
 
     python workflows/inspect_data.py --data_path rows.jsonl --model_name_or_path smollm2-135m-instruct \
-        [--max_seq_length 4096] [--examples 1] [--html out.html]
+        [--max_seq_length 4096] [--chat_template FILE] [--examples 1] [--html out.html]
+
+The rendering options (--max_seq_length, --overflow, --history_rewrites, --train_on, --chat_template)
+are training's own, with the same defaults, so the report shows what a run with them trains.
 """
 
 from __future__ import annotations
@@ -11,43 +15,53 @@ import logging
 import sys
 import time
 
+from sftcore.config import TrainConfig, add_config_arguments
 from sftcore.data import DataError
-from sftcore.inspection import format_report, highlight_html, highlight_terminal, inspect_file
+from sftcore.inspection import format_report, highlight_html, highlight_terminal, inspect_file, sample_title
 from sftcore.models import load_tokenizer
+
+SHARED_OPTIONS = (
+    "data_path",
+    "model_name_or_path",
+    "max_seq_length",
+    "overflow",
+    "history_rewrites",
+    "train_on",
+    "chat_template",
+    "trust_remote_code",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", required=True, help="JSONL file of {input, output} rows")
-    parser.add_argument(
-        "--model_name_or_path",
-        default="smollm2-135m-instruct",
-        help="tokenizer (and chat template) to render with: hub id, local dir or bundled alias",
-    )
-    parser.add_argument("--max_seq_length", type=int, default=None, help="truncate as training would")
-    parser.add_argument("--examples", type=int, default=1, help="how many rows to show highlighted")
+    add_config_arguments(parser, SHARED_OPTIONS, defaults={"model_name_or_path": "smollm2-135m-instruct"})
+    parser.add_argument("--examples", type=int, default=1, help="how many rows to show highlighted, sample by sample")
     parser.add_argument("--html", default=None, help="also write the highlighted examples to this HTML file")
     parser.add_argument("--no_color", action="store_true", help="mark trained text with [[ ]] instead of colour")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    examples, html_path, no_color = args.pop("examples"), args.pop("html"), args.pop("no_color")
+    cfg = TrainConfig(**args)
     logging.basicConfig(level=logging.WARNING)
 
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.model_name_or_path)
     try:
-        report = inspect_file(args.data_path, tokenizer, args.max_seq_length, args.examples)
+        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
+        report = inspect_file(cfg.data_path, tokenizer, cfg.encode_options(), examples)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    color = sys.stdout.isatty() and not args.no_color
+    color = sys.stdout.isatty() and not no_color
+    legend = "trained text in green, its reasoning in magenta" if color else "trained text in [[ ]], reasoning in (( ))"
     for line, encoded in report.examples:
-        print(f"--- {args.data_path}:{line} (trained text {'in green' if color else 'inside [[ ]]'}) ---")
-        print(highlight_terminal(encoded, tokenizer, color=color))
+        for n, sample in enumerate(encoded.samples):
+            print(f"--- {sample_title(cfg.data_path, line, encoded, n)}: {legend} ---")
+            print(highlight_terminal(sample, tokenizer, color=color))
     print("--- report ---")
     print(format_report(report))
-    if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
+    if html_path:
+        with open(html_path, "w", encoding="utf-8") as f:
             f.write(highlight_html(report, tokenizer))
-        print(f"wrote {args.html}")
+        print(f"wrote {html_path}")
     print(f"({time.perf_counter() - start:.1f}s)")
     return 0
 

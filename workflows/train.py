@@ -15,15 +15,17 @@ import logging
 import os
 import sys
 import uuid
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
 from sftcore.config import TrainConfig, parse_config
-from sftcore.data import DataError, check_readable_file
+from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file
 from sftcore.dataset import DatasetSummary
 from sftcore.runtime import TorchrunRuntime
+from sftcore.templates import load_chat_template
 from sftcore.tracking import plot_loss_curve
 
 logger = logging.getLogger("sftcore.train")
@@ -144,38 +146,73 @@ def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
     return steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.num_epochs
 
 
-def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> dict[str, Any]:
-    """Report (speak: this process is the one that logs and writes) what became of every line, stop on
-    bad rows unless skipping them, and plan the run: the per-worker loop's config."""
-    if summary.rejected:
-        rejected_path = output_dir / REJECTED_FILE
-        if speak:
-            rejected_path.write_text("".join(json.dumps(r) + "\n" for r in summary.rejected))
+def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> None:
+    """Write every line, turn or piece of text that is not trained to rejected_rows.jsonl and say so;
+    stop on malformed rows unless --on_bad_rows skip. Rows that are valid but yield nothing to train
+    (too long, nothing marked for training) and text lost from trained rows are reported, not fatal."""
+    rejected_path = output_dir / REJECTED_FILE
+    if speak and (summary.rejected or summary.omissions):
+        entries = sorted(summary.rejected + summary.omissions, key=lambda entry: entry["line"])
+        rejected_path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    if summary.bad_rows():
         if cfg.on_bad_rows == "error":
             raise UsageError(
-                f"{summary.format_rejects(limit=100)}\nevery bad line, with its reason: {rejected_path}\n"
+                f"{summary.format_rejects(limit=100, bad_only=True)}\n"
+                f"every bad line, with its reason: {rejected_path}\n"
                 "fix these lines, or pass --on_bad_rows skip to train on the valid rows only"
             )
         if speak:
             logger.warning(
-                "%s\nskipped them (--on_bad_rows skip); written to %s", summary.format_rejects(5), rejected_path
+                "%s\nskipped them (--on_bad_rows skip); written to %s",
+                summary.format_rejects(5, bad_only=True),
+                rejected_path,
             )
+    if not speak:
+        return
+    unfit = [r for r in summary.rejected if r["reason"] in NOT_BAD_INPUT]
+    if unfit:
+        logger.warning(
+            "%d valid row(s) yield nothing to train (%s); listed in %s",
+            len(unfit),
+            ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(r["reason"] for r in unfit).items())),
+            rejected_path,
+        )
+    if summary.omissions:
+        logger.warning(
+            "left out of rows that are trained, by reason:\n%s\nlisted in %s",
+            summary.format_omissions(3),
+            rejected_path,
+        )
+
+
+def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> dict[str, Any]:
+    """Report (speak: this process is the one that logs and writes) what became of every line, stop on
+    bad rows unless skipping them, and plan the run: the per-worker loop's config."""
+    report_untrained(cfg, summary, output_dir, speak)
     if summary.train_rows == 0:
-        raise UsageError(f"{cfg.data_path}: no valid rows to train on")
+        raise UsageError(
+            f"{cfg.data_path}: no rows to train on"
+            + (f" ({summary.format_rejects(limit=3)})" if summary.rejected else "")
+        )
     steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
     if speak:
         logger.info(
-            "data: %d lines (%d blank, %d rejected) -> %d train rows (%d tokens, %d trained), %d validation rows; "
-            "%d truncated to %d tokens; %d steps (%d per epoch)",
+            "data: %d lines (%d blank, %d rejected) -> %d train rows, %d validation rows; %d samples "
+            "(%.2fx the rows' tokens; %d turns trained, %d of them with a shortened history, %d did not fit "
+            "%d tokens); train: %d tokens, %d trained; %d steps (%d per epoch)",
             summary.lines,
             summary.blank_lines,
             len(summary.rejected),
             summary.train_rows,
+            summary.validation_rows,
+            summary.samples,
+            summary.split_overhead,
+            summary.trained_turns,
+            summary.windowed_turns,
+            summary.dropped_turns,
+            cfg.max_seq_length,
             summary.train_tokens,
             summary.train_trained_tokens,
-            summary.validation_rows,
-            summary.truncated_rows,
-            cfg.max_seq_length,
             total_steps,
             steps_per_epoch,
         )
@@ -233,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def prepare(cfg: TrainConfig) -> Path:
     check_readable_file(cfg.data_path)  # fail in a second, not after Ray or the process group has started
+    if cfg.chat_template:
+        load_chat_template(cfg.chat_template)
     output_dir = check_output_dir(cfg)
     cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
     return output_dir
@@ -258,12 +297,13 @@ def run(cfg: TrainConfig) -> int:
     train, validation, summary = build_datasets(
         cfg.data_path,
         cfg.model_name_or_path,
-        cfg.max_seq_length,
+        cfg.encode_options(),
         cfg.validation_split,
         cfg.seed,
         encoder_concurrency=max(1, min(4, int(resources.get("CPU", 1)))),
         trust_remote_code=cfg.trust_remote_code,
         packing=cfg.packing,
+        chat_template=cfg.chat_template,
     )
     loop_config = account_for_data(cfg, summary, output_dir, speak=True)
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
@@ -312,11 +352,12 @@ def run_under_torchrun(cfg: TrainConfig) -> int:
         train, validation, summary = build_sequences(
             cfg.data_path,
             cfg.model_name_or_path,
-            cfg.max_seq_length,
+            cfg.encode_options(),
             cfg.validation_split,
             cfg.seed,
             trust_remote_code=cfg.trust_remote_code,
             packing=cfg.packing,
+            chat_template=cfg.chat_template,
             rank=runtime.rank,
             world=runtime.world,
             gather=gather_objects,

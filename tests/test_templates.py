@@ -1,0 +1,322 @@
+"""Verbatim chat templates of 13 model families (tests/chat_templates/SOURCES.md) on real and synthetic rows.
+
+The independent expectation is a scan of each sample's text for the template's own markers: every
+assistant turn is a region from the end of its header (and of any block the generation prompt
+pre-fills) through its stop token. Regions map in order onto the row's assistant messages, so the
+expected mask of a sample is the regions of the turns it trains. Separately, every trained message is
+trained in exactly one sample, and its text is in its region unless an omission says the template
+drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import REAL_DATA_FILES, official_tokenizer, real_rows
+
+from sftcore import IGNORE_INDEX, DataError
+from sftcore.data import parse_row
+from sftcore.masking import FULL_HISTORY, EncodeOptions, encode_row
+
+CHATML = r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)"
+# family -> (the model-written region of an assistant turn, what the template cannot render: allowed rejects)
+FAMILIES = {
+    "qwen3": (CHATML, set()),
+    "qwq": (r"<\|im_start\|>assistant\n(?:<think>\n(?:</think>)?)?(.*?<\|im_end\|>)", set()),
+    "qwen25": (CHATML, set()),
+    # DeepSeek-R1's template renders a second tool-call message without an assistant header after tool
+    # output: such rows are refused as template errors. It renders a message's text after its tool calls,
+    # as a block of its own.
+    "deepseek_r1": (
+        r"(?:<｜Assistant｜>(?:<think>\n(?:</think>)?)?|<｜tool▁outputs▁end｜>)"
+        r"(.*?(?:<｜tool▁calls▁end｜><｜end▁of▁sentence｜>(?:<｜Assistant｜>.*?<｜end▁of▁sentence｜>)?"
+        r"|<｜end▁of▁sentence｜>))",
+        {"template_error"},
+    ),
+    "deepseek_v31": (
+        r"(?:<｜Assistant｜>(?:<think></think>|<think>)?|<｜tool▁output▁end｜>(?!<｜tool▁output▁begin｜>))"
+        r"(.*?<｜end▁of▁sentence｜>)",
+        set(),
+    ),
+    "llama31": (r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n(.*?<\|eot_id\|>)", set()),
+    "mistral_nemo": (r"(?:\[/INST\]|\[/TOOL_RESULTS\])((?:(?!\[TOOL_RESULTS\]|\[INST\]).)*?</s>)", set()),
+    "gemma2": (r"<start_of_turn>model\n(.*?<end_of_turn>)", set()),
+    "phi35": (r"<\|assistant\|>\n(.*?<\|end\|>)", set()),
+    "hermes3": (CHATML, set()),
+    "gpt_oss": (r"<\|start\|>assistant(.*?(?:<\|return\|>|<\|call\|>|<\|end\|>(?!<\|start\|>assistant)))", set()),
+    "glm46": (r"<\|assistant\|>(.*?(?:<\|user\|>|<\|observation\|>))", set()),
+    "granite33": (r"<\|start_of_role\|>assistant<\|end_of_role\|>(.*?<\|end_of_text\|>)", set()),
+    "smollm3": (CHATML, set()),
+}
+
+REASONING_ROW = {
+    "input": json.dumps(
+        [{"role": "system", "content": "You are a travel agent."}, {"role": "user", "content": "Fly me to Paris."}]
+    ),
+    "output": [
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "I should search flights to CDG first.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "search_flights", "arguments": '{"to": "CDG"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "name": "search", "content": '[{"flight": "AF11"}]'},
+        {"role": "assistant", "content": "I found AF11. Shall I book it?", "reasoning_content": "One flight: ask."},
+        {"role": "user", "content": "Yes please."},
+        {
+            "role": "assistant",
+            "content": "Booking AF11 now.",
+            "tool_calls": [
+                {"id": "call_2", "type": "function", "function": {"name": "book", "arguments": {"f": "AF11"}}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_2", "name": "book", "content": "confirmed"},
+        {"role": "assistant", "content": "<think>The booking is confirmed.</think>\nDone: AF11 is booked."},
+    ],
+}
+OPT_OUT_ROW = {
+    "input": "What is 17*3?",
+    "output": [
+        {"role": "assistant", "content": "Thought: multiply.\nAction: calc[17*4]", "train": False},
+        {"role": "user", "content": "Observation: 68"},
+        {"role": "assistant", "content": "Thought: wrong operand.\nAction: calc[17*3]"},
+        {"role": "user", "content": "Observation: 51"},
+        {"role": "assistant", "content": "The answer is 51.", "weight": 1},
+    ],
+}
+WITH_TOOLS_ROW = {
+    "input": "Weather in Oslo?",
+    "output": [
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "content": "-3C, snow"},
+        {"role": "assistant", "content": "It is -3C and snowing in Oslo."},
+    ],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "Current weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ],
+}
+REAL = real_rows()
+ROWS = [(f"{name}:{n}", row) for name, n, row in REAL if name == REAL_DATA_FILES[0].name or n <= 40] + [
+    ("reasoning", REASONING_ROW),
+    ("train_false", OPT_OUT_ROW),
+    ("tools", WITH_TOOLS_ROW),
+]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    return request.param, official_tokenizer(request.param)
+
+
+def assistant_trained_flags(row: dict, train_on: str = "all") -> list[bool]:
+    """Per assistant message of the row, in order: trained? (prompt-side ones never; opt-outs not)."""
+    conv = parse_row(row, train_on)
+    return [t for m, t in zip(conv.messages, conv.trained, strict=True) if m["role"] == "assistant"]
+
+
+def expected_mask(text: str, offsets: list[tuple[int, int]], regions: list[tuple[int, int]]) -> list[int]:
+    return [int(any(s < region_end and e > region_start for region_start, region_end in regions)) for s, e in offsets]
+
+
+def check_row(family_name: str, tokenizer, row: dict, max_seq_length: int | None = None) -> None:
+    """Check one row's samples against the marker scan. A sample ends with its last trained turn, so its
+    regions map onto the assistant messages counted back from that turn's (a shortened history leaves
+    out earlier ones)."""
+    region, allowed_rejects = FAMILIES[family_name]
+    try:
+        encoded = encode_row(row, tokenizer, EncodeOptions(max_seq_length=max_seq_length))
+    except DataError as e:
+        assert e.reason in allowed_rejects, f"{family_name}: {e}"
+        return
+    flags = assistant_trained_flags(row)
+    trained_ordinals = [k for k, trained in enumerate(flags) if trained]  # assistant ordinal of each trained turn
+    assert sorted(t for s in encoded.samples for t in s.turns) == list(range(len(trained_ordinals)))
+    dropped = {reason for reason, _ in encoded.omissions}
+    for sample in encoded.samples:
+        text = tokenizer.decode(sample.input_ids)
+        again = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert list(again["input_ids"]) == sample.input_ids  # the sample is a plain tokenization of its text
+        regions = [m.span(1) for m in re.finditer(region, text, re.DOTALL)]
+        last = trained_ordinals[sample.turns[-1]]
+        if sample.history == FULL_HISTORY:
+            assert len(regions) == last + 1, f"{family_name}: {len(regions)} regions for {last + 1} messages"
+        else:
+            assert max_seq_length and len(sample.input_ids) <= max_seq_length and len(regions) <= last + 1
+        wanted = [regions[len(regions) - 1 - (last - trained_ordinals[t])] for t in sample.turns]
+        mask = [int(label != IGNORE_INDEX) for label in sample.labels]
+        assert mask == expected_mask(text, again["offset_mapping"], wanted), family_name
+        assert text.rstrip().endswith(text[wanted[-1][0] : wanted[-1][1]].rstrip())  # cut after its last turn
+    if max_seq_length:
+        return
+    if not dropped & {"template_drops_content", "template_drops_text_beside_tool_calls"}:
+        messages = [m for m in parse_row(row).messages if m["role"] == "assistant"]
+        trained_text = "".join(
+            tokenizer.decode([i for i, label in zip(s.input_ids, s.labels, strict=True) if label != IGNORE_INDEX])
+            for s in encoded.samples
+        )
+        for k in trained_ordinals:
+            assert json.dumps(messages[k]["content"].strip())[1:-1] in json.dumps(trained_text), family_name
+
+
+def test_every_row_is_trained_exactly_or_refused_with_a_reason(family):
+    name, tokenizer = family
+    for _, row in ROWS:
+        check_row(name, tokenizer, row)
+
+
+def trained_runs(sample, tokenizer) -> list[str]:
+    runs, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, tokenizer.decode(current)], []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gpt_oss", "mistral_nemo", "glm46"])
+def test_shortened_histories_keep_exact_masks_and_train_every_turn(name):
+    """At 1,024 tokens almost every tau-bench turn needs a shortened history (the system prompt alone is
+    ~1,340 tokens; Mistral-Nemo shows it only when a user message is last)."""
+    tokenizer = official_tokenizer(name)
+    for _, _, row in REAL[:20]:
+        check_row(name, tokenizer, row, max_seq_length=1024)
+        encoded = encode_row(row, tokenizer, EncodeOptions(max_seq_length=1024))
+        assert encoded.dropped_turns == 0 and encoded.trained_turns == sum(assistant_trained_flags(row))
+        assert encoded.windowed_turns > 0
+    if name == "gemma2":  # no system role: the first user message, without the system prompt folded into it
+        first = json.loads(REAL[0][2]["input"])[1]["content"]
+        sample = encode_row(REAL[0][2], tokenizer, EncodeOptions(max_seq_length=1024)).samples[0]
+        assert tokenizer.decode(sample.input_ids).startswith(f"<bos><start_of_turn>user\n{first}<end_of_turn>")
+
+
+def test_reasoning_is_trained_where_the_template_shows_it_and_reported_where_it_drops_it(family):
+    """The newest turn's reasoning is trained once (in the template's own field or format, or after its
+    generation prompt's <think>), or the template drops it and an omission says so (Llama-3.1 renders only
+    the call of a tool-call message; DeepSeek gives no <think> after tool output)."""
+    name, tokenizer = family
+    encoded = encode_row(REASONING_ROW, tokenizer)
+    everything = "".join(run for s in encoded.samples for run in trained_runs(s, tokenizer))
+    dropped = {what for reason, what in encoded.omissions if reason == "template_drops_reasoning"}
+    reasoning_turns = {
+        1: "I should search flights to CDG first.",
+        2: "One flight: ask.",
+        4: "The booking is confirmed.",
+    }
+    for turn, reasoning in reasoning_turns.items():
+        reported = f"assistant turn {turn}: its reasoning is not in the rendered turn" in dropped
+        assert everything.count(reasoning) == (0 if reported else 1), (name, reasoning)
+    assert sum(len(s.reasoning) for s in encoded.samples) == 3 - len(dropped)  # located for highlighting
+    assert name not in ("qwen3", "gpt_oss", "glm46", "qwq", "smollm3") or not dropped
+
+
+def test_text_a_template_drops_is_reported_never_silent():
+    """Llama-3.1 renders only the tool call of a message that also has text; Mistral-Nemo too."""
+    for name in ("llama31", "mistral_nemo"):
+        encoded = encode_row(REASONING_ROW, official_tokenizer(name))
+        assert ("template_drops_text_beside_tool_calls", "assistant turn 3: its text is not in the rendered turn") in (
+            encoded.omissions
+        )
+    encoded = encode_row(REASONING_ROW, official_tokenizer("qwen3"))
+    assert not encoded.omissions
+
+
+def test_qwen3_trains_every_real_row_in_per_turn_samples_and_counts_the_overhead():
+    tokenizer = official_tokenizer("qwen3")
+    samples = row_tokens = sample_tokens = turns = 0
+    for _, _, row in REAL:
+        encoded = encode_row(row, tokenizer)
+        assert encoded.trained_turns == sum(assistant_trained_flags(row)) and not encoded.omissions
+        samples += len(encoded.samples)
+        row_tokens += encoded.row_tokens
+        sample_tokens += encoded.num_tokens
+        turns += encoded.trained_turns
+    assert len(REAL) == 560 and samples > len(REAL)
+    # Qwen3 adds an empty think block to the newest turn only: without reasoning in the data, every turn is
+    # trained in a sample of its own, at a token cost that is counted.
+    assert samples == turns and sample_tokens > 2 * row_tokens
+
+
+def test_turns_after_a_pre_filled_generation_prompt_follow_it():
+    """QwQ's generation prompt ends with "<think>\\n</think>" (outside thinking mode): a turn without
+    reasoning is written after it; one with reasoning is written inside "<think>\\n" and closes it."""
+    tokenizer = official_tokenizer("qwq")
+    sample = encode_row({"input": "Hi", "output": "Hello!"}, tokenizer).samples[0]
+    text = tokenizer.decode(sample.input_ids)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n</think>Hello!<|im_end|>"
+    thinking = encode_row(
+        {"input": "Hi", "output": [{"role": "assistant", "content": "Hello!", "reasoning": "greet"}]}, tokenizer
+    )
+    sample = thinking.samples[0]
+    trained = tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100])
+    assert trained == "greet\n</think>\n\nHello!<|im_end|>"
+
+
+def test_deepseek_r1_reasoning_is_written_into_the_think_block_its_prompt_opens():
+    tokenizer = official_tokenizer("deepseek_r1")
+    row = {"input": "2+2?", "output": [{"role": "assistant", "content": "4", "reasoning_content": "Add them."}]}
+    sample = encode_row(row, tokenizer).samples[0]
+    text = tokenizer.decode(sample.input_ids)
+    assert text.endswith("<｜User｜>2+2?<｜Assistant｜><think>\nAdd them.\n</think>\n\n4<｜end▁of▁sentence｜>")
+    trained = tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100])
+    assert trained == "Add them.\n</think>\n\n4<｜end▁of▁sentence｜>"
+
+
+def test_gpt_oss_trains_the_return_token_of_a_final_answer_and_the_call_token_of_a_tool_call():
+    tokenizer = official_tokenizer("gpt_oss")
+    runs = [run for s in encode_row(WITH_TOOLS_ROW, tokenizer).samples for run in trained_runs(s, tokenizer)]
+    assert runs == [
+        ' to=functions.weather<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>',
+        "<|channel|>final<|message|>It is -3C and snowing in Oslo.<|return|>",
+    ]
+
+
+def test_phi_end_of_conversation_eos_is_not_a_history_rewrite():
+    tokenizer = official_tokenizer("phi35")
+    encoded = encode_row(OPT_OUT_ROW, tokenizer)
+    assert len(encoded.samples) == 1 and encoded.row_tokens == encoded.num_tokens
+
+
+def test_glm_trains_the_role_token_it_stops_with():
+    tokenizer = official_tokenizer("glm46")
+    encoded = encode_row(WITH_TOOLS_ROW, tokenizer)
+    sample = encoded.samples[0]
+    trained = tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100])
+    assert "</tool_call><|observation|>" in trained and trained.endswith("snowing in Oslo.<|user|>")
+
+
+def test_templates_without_system_role_or_alternation_get_the_system_prompt_in_the_first_user_turn():
+    tokenizer = official_tokenizer("gemma2")
+    encoded = encode_row(REASONING_ROW, tokenizer)
+    text = tokenizer.decode(encoded.samples[-1].input_ids)
+    assert text.startswith("<bos><start_of_turn>user\nYou are a travel agent.\n\nFly me to Paris.<end_of_turn>")
+
+
+def test_mistral_tool_call_ids_become_nine_characters_and_match_their_results():
+    tokenizer = official_tokenizer("mistral_nemo")
+    text = tokenizer.decode(encode_row(REASONING_ROW, tokenizer).samples[-1].input_ids)
+    ids = re.findall(r'"id": "([^"]+)"', text)
+    assert ids and all(len(i) == 9 and i.isalnum() for i in ids)
+    assert set(re.findall(r'"call_id": "([^"]+)"', text)) == set(ids)
+
+
+def test_history_rewrites_refuse_keeps_the_old_behaviour():
+    tokenizer = official_tokenizer("qwen3")
+    with pytest.raises(DataError) as info:
+        encode_row(REAL[0][2], tokenizer, EncodeOptions(history_rewrites="refuse"))
+    assert info.value.reason == "template_rewrites_history"
