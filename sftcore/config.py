@@ -7,7 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftcore.masking import EncodeOptions
+from sftcore.data import TRAIN_ON
+from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()) -> Any:
@@ -42,20 +43,20 @@ class TrainConfig:
         "window",
         "a turn whose history does not fit --max_seq_length: window: train it with the system prompt, the first "
         "user message and as much recent history as fits; truncate: drop it (and every later turn of the row)",
-        ("window", "truncate"),
+        OVERFLOW,
     )
     history_rewrites: str = _opt(
         "split",
         "for chat templates that render earlier turns differently once later turns follow (Qwen3, gpt-oss, ...): "
         "split: train each turn in the context it has at inference (a row becomes several samples); refuse: "
         "reject such rows",
-        ("split", "refuse"),
+        HISTORY_REWRITES,
     )
     train_on: str = _opt(
         "all",
         "assistant messages of 'output' to train (each may opt out with \"train\": false): all; last: only the "
         "last; final: only those after the last user message",
-        ("all", "last", "final"),
+        TRAIN_ON,
     )
     chat_template: str | None = _opt(
         None,

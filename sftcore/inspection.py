@@ -96,14 +96,24 @@ def sample_title(path: str, line: int, encoded: EncodedRow, n: int) -> str:
     return f"{path}:{line} sample {n + 1}/{len(encoded.samples)} ({turns}; {_HISTORY[sample.history]})"
 
 
-def highlight_terminal(sample: Sample, tokenizer: Any, color: bool = True) -> str:
+def _elided(text: str, limit: int | None) -> str:
+    """A long stretch of context shortened to its beginning and end (the end leads into the turn)."""
+    if limit is None or len(text) <= limit:
+        return text
+    head, tail = limit // 3, limit - limit // 3
+    return f"{text[:head]}\n[... {len(text) - limit} characters of context not shown ...]\n{text[-tail:]}"
+
+
+def highlight_terminal(sample: Sample, tokenizer: Any, color: bool = True, context_chars: int | None = None) -> str:
     """Trained text in bold green, trained reasoning in bold magenta, the rest dimmed; without colour,
-    trained text is wrapped in [[ ]] and reasoning in (( ))."""
+    trained text is wrapped in [[ ]] and reasoning in (( )). ``context_chars``: show at most that much
+    of each stretch of untrained context (its beginning and end)."""
+    runs = [(kind, _elided(text, context_chars) if kind == MASKED else text) for kind, text in _runs(sample, tokenizer)]
     if color:
         style = {MASKED: _DIM, TRAINED: _GREEN, REASONING: _MAGENTA}
-        return "".join(f"{style[kind]}{text}{_RESET}" for kind, text in _runs(sample, tokenizer))
+        return "".join(f"{style[kind]}{text}{_RESET}" for kind, text in runs)
     marks = {MASKED: ("", ""), TRAINED: ("[[", "]]"), REASONING: ("((", "))")}
-    return "".join(marks[kind][0] + text + marks[kind][1] for kind, text in _runs(sample, tokenizer))
+    return "".join(marks[kind][0] + text + marks[kind][1] for kind, text in runs)
 
 
 def highlight_html(report: DataReport, tokenizer: Any) -> str:

@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftcore.data import THINK_CLOSE, THINK_OPEN, Conversation, DataError, parse_row
-from sftcore.templates import TemplateConversation, TemplateSupport, adapt_to_template, render, template_support
+from sftcore.templates import (
+    TemplateConversation,
+    TemplateSupport,
+    adapt_to_template,
+    render,
+    template_support,
+    tokenizer_key,
+)
 
 IGNORE_INDEX = -100
 HISTORY_REWRITES = ("split", "refuse")
@@ -262,14 +269,15 @@ def _tokenize(tokenizer: Any, text: str, shift: int = 0) -> _Tokenized:
     return _Tokenized(list(encoding["input_ids"]), [s + shift for s, _ in offsets], [e + shift for _, e in offsets])
 
 
-_splitting_ids: dict[int, frozenset[int]] = {}
+_splitting_ids: dict[tuple, frozenset[int]] = {}
 
 
 def _special_split_ids(tokenizer: Any) -> frozenset[int]:
     """Special tokens after which the tokenization of a text does not depend on what precedes them (the
     fast tokenizer splits the text at added tokens first), checked once per tokenizer; empty where that
     does not hold (e.g. a SentencePiece pre-tokenizer that marks the start of every piece)."""
-    if id(tokenizer) not in _splitting_ids:
+    key = tokenizer_key(tokenizer)
+    if key not in _splitting_ids:
         special = {
             i
             for i, token in tokenizer.added_tokens_decoder.items()
@@ -282,8 +290,8 @@ def _special_split_ids(tokenizer: Any) -> frozenset[int]:
             == _tokenize(tokenizer, "say" + marker).ids + _tokenize(tokenizer, tail).ids
             for tail in tails
         )
-        _splitting_ids[id(tokenizer)] = frozenset(special if independent else ())
-    return _splitting_ids[id(tokenizer)]
+        _splitting_ids[key] = frozenset(special if independent else ())
+    return _splitting_ids[key]
 
 
 class _RowTokenizer:

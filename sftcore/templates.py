@@ -40,7 +40,10 @@ def shipped_template_names() -> list[str]:
 
 
 def load_chat_template(name_or_path: str) -> str:
-    """The text of a chat template: a Jinja file, or one shipped with sftcore (e.g. ``chatml``)."""
+    """The text of a chat template: a Jinja file, one shipped with sftcore (e.g. ``chatml``), or already
+    a template's text (what the driver hands to workers, which may not see its files)."""
+    if "{{" in name_or_path or "{%" in name_or_path:
+        return name_or_path
     path = Path(name_or_path)
     if not path.is_file():
         path = SHIPPED_TEMPLATES / f"{name_or_path}.jinja"
@@ -55,7 +58,7 @@ def load_chat_template(name_or_path: str) -> str:
 
 @dataclass(frozen=True)
 class TemplateSupport:
-    """What a chat template renders natively (probed once per template and special tokens)."""
+    """What a chat template renders natively (probed once per template and tokenizer)."""
 
     tool_calls: bool  # renders assistant tool_calls
     tool_call_ids: bool  # refuses tool calls unless they carry 9-character alphanumeric ids (Mistral)
@@ -73,7 +76,14 @@ class TemplateSupport:
 
 
 REASONING_MODES = ("reasoning_content", "thinking", "inline", "none")
-_support_by_template: dict[tuple[str, str | None, str | None], TemplateSupport] = {}
+_support_by_template: dict[tuple, TemplateSupport] = {}
+
+
+def tokenizer_key(tokenizer: Any) -> tuple:
+    """What identifies a tokenizer's behaviour for the caches here: its source, added tokens and special
+    tokens."""
+    added = tuple(sorted(tokenizer.get_added_vocab().items()))
+    return (tokenizer.name_or_path, len(tokenizer), added, tokenizer.bos_token, tokenizer.eos_token)
 
 
 def render(
@@ -181,14 +191,14 @@ def _reasoning_mode(tokenizer: Any, user: dict, no_tools: list | None) -> str:
 
 
 def template_support(tokenizer: Any) -> TemplateSupport:
-    """Probe the tokenizer's chat template; cached per template text and special tokens."""
+    """Probe the tokenizer's chat template; cached per template text and tokenizer."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
             "the tokenizer has no chat template; use an instruct/chat model or pass --chat_template "
             "(a Jinja file, or 'chatml')"
         )
-    key = (template, tokenizer.bos_token, tokenizer.eos_token)
+    key = (template, *tokenizer_key(tokenizer))
     if key in _support_by_template:
         return _support_by_template[key]
 

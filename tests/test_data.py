@@ -120,7 +120,86 @@ BAD_ROWS = [
         "content must be a string",
     ),
     ("tools not a list", {"input": "x", "output": "y", "tools": "f"}, "bad_type", "'tools' must be a list"),
+    (
+        "reasoning not a string",
+        {"input": "x", "output": [{"role": "assistant", "content": "y", "reasoning_content": ["a"]}]},
+        "bad_type",
+        "output[0]: 'reasoning_content' must be a string",
+    ),
+    (
+        "reasoning given twice",
+        {"input": "x", "output": [{"role": "assistant", "content": "<think>a</think>y", "reasoning": "a"}]},
+        "bad_type",
+        "reasoning given twice: in 'reasoning' and as <think>...</think> in the content",
+    ),
+    (
+        "two reasoning fields",
+        {"input": "x", "output": [{"role": "assistant", "content": "y", "reasoning_content": "a", "thinking": "b"}]},
+        "bad_type",
+        "give the reasoning once, not in both 'reasoning_content' and 'thinking'",
+    ),
+    (
+        "train not a boolean",
+        {"input": "x", "output": [{"role": "assistant", "content": "y", "train": "no"}]},
+        "bad_type",
+        "output[0]: 'train' must be true or false, got 'no'",
+    ),
+    (
+        "fractional weight",
+        {"input": "x", "output": [{"role": "assistant", "content": "y", "weight": 0.5}]},
+        "invalid_row",
+        "'weight' must be 0 or 1 (per-message weights are not supported), got 0.5",
+    ),
+    (
+        "train flag on the prompt",
+        {"input": json.dumps([{"role": "assistant", "content": "a", "train": True}]), "output": "y"},
+        "bad_type",
+        "input[0]: 'input' is the prompt and is never trained; move the message to 'output' to train it",
+    ),
+    (
+        "every assistant message opted out",
+        {"input": "x", "output": [{"role": "assistant", "content": "y", "weight": 0}]},
+        "nothing_to_train",
+        "nothing to train: every assistant message in 'output' has \"train\": false",
+    ),
 ]
+
+
+def test_reasoning_in_a_field_or_inline_becomes_reasoning_content():
+    output = [
+        {"role": "assistant", "content": "<think>\nplan A\n</think>\n\nanswer A"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "answer B", "reasoning": "plan B"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": None, "thinking": "", "tool_calls": [{"name": "f", "arguments": {}}]},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "  <think>plan D</think>"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "no <think> at the start</think> stays text"},
+    ]
+    messages = parse_row({"input": "q", "output": output}).messages
+    assert messages[1] == {"role": "assistant", "content": "answer A", "reasoning_content": "plan A"}
+    assert messages[3] == {"role": "assistant", "content": "answer B", "reasoning_content": "plan B"}
+    assert messages[5]["reasoning_content"] == "" and messages[5]["content"] == ""
+    assert messages[7] == {"role": "assistant", "content": "", "reasoning_content": "plan D"}
+    assert messages[9] == {"role": "assistant", "content": "no <think> at the start</think> stays text"}
+
+
+def test_train_flags_and_presets_choose_the_trained_messages():
+    output = [
+        {"role": "assistant", "content": "a1", "train": False},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "tool", "content": "t"},
+        {"role": "assistant", "content": "a3", "weight": 1},
+    ]
+    history = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "earlier"}])
+    row = {"input": history, "output": output}
+    assert parse_row(row).trained == [False, False, False, False, True, False, True]
+    assert parse_row(row, "last").trained == [False, False, False, False, False, False, True]
+    assert parse_row(row, "final").trained == [False, False, False, False, True, False, True]
+    output[3] = {"role": "user", "content": "u2"}
+    assert parse_row(row, "final").trained == [False, False, False, False, False, False, True]
 
 
 @pytest.mark.parametrize("name,row,reason,message", BAD_ROWS, ids=[b[0] for b in BAD_ROWS])

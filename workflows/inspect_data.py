@@ -38,8 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=1, help="how many rows to show highlighted, sample by sample")
     parser.add_argument("--html", default=None, help="also write the highlighted examples to this HTML file")
     parser.add_argument("--no_color", action="store_true", help="mark trained text with [[ ]] instead of colour")
+    parser.add_argument(
+        "--context_chars",
+        type=int,
+        default=1500,
+        help="show at most this much of each stretch of untrained context, its beginning and end (0: all)",
+    )
     args = vars(parser.parse_args(argv))
     examples, html_path, no_color = args.pop("examples"), args.pop("html"), args.pop("no_color")
+    context_chars = args.pop("context_chars") or None
     cfg = TrainConfig(**args)
     logging.basicConfig(level=logging.WARNING)
 
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for line, encoded in report.examples:
         for n, sample in enumerate(encoded.samples):
             print(f"--- {sample_title(cfg.data_path, line, encoded, n)}: {legend} ---")
-            print(highlight_terminal(sample, tokenizer, color=color))
+            print(highlight_terminal(sample, tokenizer, color=color, context_chars=context_chars))
     print("--- report ---")
     print(format_report(report))
     if html_path:
