@@ -1,17 +1,8 @@
-"""Render a conversation with the model's own chat template into training samples whose labels mark
-exactly the tokens the model writes.
+"""Rows into training samples whose labels mark exactly the tokens the model writes, under the model's
+own chat template (no ``{% generation %}`` tags needed).
 
-How, for any template (no ``{% generation %}`` tags needed):
-
-1. For each trained assistant turn i, the template renders ``messages[:i]`` with the generation
-   prompt (the context the model is given at inference when it writes that turn) and
-   ``messages[:i+1]`` without it (the conversation once the turn is the newest one). What the second
-   adds to the first is the turn as the model writes it: reasoning, content, tool calls and the stop
-   token (gpt-oss's ``<|return|>`` included), less the whitespace after it and less text a template
-   adds only where a conversation ends (Phi's EOS). Where the generation prompt pre-fills a think
-   block the rendered turn lacks (QwQ, DeepSeek-R1 distills), the turn follows the pre-filled block;
-   where it opens one the template never shows (DeepSeek-R1, V3.1), the turn's reasoning is written
-   into it and closed with ``</think>``.
+1. Each trained turn is rendered as the model writes it, in the context it is given at inference
+   (sftcore.turns).
 2. Templates that keep earlier turns verbatim make each turn's context + text a prefix of the next
    one's: the row is one sample, the render through its last trained turn. Templates that rewrite
    history (Qwen3 keeps reasoning only after the last user message and gives the newest turn an
@@ -38,15 +29,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftcore.data import THINK_CLOSE, THINK_OPEN, Conversation, DataError, parse_row
+from sftcore.data import Conversation, DataError, parse_row
 from sftcore.templates import (
     TemplateConversation,
     TemplateSupport,
     adapt_to_template,
-    render,
     template_support,
     tokenizer_key,
 )
+from sftcore.turns import Turn, dropped_by_template, render_turn
 
 IGNORE_INDEX = -100
 HISTORY_REWRITES = ("split", "refuse")
@@ -113,131 +104,10 @@ class EncodedRow:
         }
 
 
-@dataclass
-class _Turn:
-    """One trained turn rendered in one view of the conversation."""
-
-    ordinal: int  # among the row's trained turns
-    message: int  # index into the template conversation
-    context: str  # the template's render of what precedes the turn, with the generation prompt
-    text: str  # what the model writes for the turn
-    whole: str  # the view through this turn rendered as one conversation
-
-    @property
-    def sample_text(self) -> str:
-        return self.context + self.text
-
-
-def _render_row(
-    tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool, thinking: bool
-) -> str:
-    try:
-        return render(tokenizer, messages, tools, add_generation_prompt, thinking)
-    except Exception as e:  # the template's own complaint (e.g. "roles must alternate") is the useful message
-        raise DataError(
-            f"the chat template cannot render this row: {type(e).__name__}: {e}", "template_error"
-        ) from None
-
-
-def _prefilled_think(before: str, through: str) -> int | None:
-    """Where the turn starts in ``through`` when the generation prompt pre-fills a think block that the
-    rendered turn lacks (QwQ and DeepSeek-R1 distills outside thinking mode end it with "<think>\n</think>")."""
-    cut = before.rfind(THINK_OPEN)
-    if cut < 0 or before[cut:].replace(THINK_OPEN, "").replace(THINK_CLOSE, "").strip():
-        return None
-    return cut if through.startswith(before[:cut]) else None
-
-
-def _realigned(before: str, through: str) -> int | None:
-    """Where the turn starts in ``through`` when adding it changes the context just before it: Mistral
-    places the system prompt in the last user message only while that message is last; gpt-oss shows an
-    earlier tool call's analysis only until a final answer follows; Hermes ends a last tool result
-    differently. The turn starts after the longest tail of ``before`` found in ``through`` past their
-    common beginning; that tail must hold the context's end (at least 16 characters of it)."""
-    common = len(os.path.commonprefix([before, through]))
-    low, high = common, len(before)  # smallest k such that before[k:] occurs in through[common:]
-    while low < high:
-        middle = (low + high) // 2
-        if before[middle:] in through[common:]:
-            high = middle
-        else:
-            low = middle + 1
-    tail = before[low:]
-    if len(tail) < min(len(before) - common, 16):
-        return None
-    start = through.find(tail, common) + len(tail)
-    return start if start < len(through) else None
-
-
-def _prefilled(before: str, through: str) -> int | None:
-    """Where the turn starts in ``through`` when the generation prompt ends with a short pre-filled block
-    the rendered turn lacks, other than think tags (Gemma-4's empty thought channel, Command-R7B's empty
-    thinking block): the turn follows it. The block starts after the common beginning, backed up to the
-    end of the last line or tag."""
-    common = len(os.path.commonprefix([before, through]))
-    common = max(before.rfind("\n", 0, common), before.rfind(">", 0, common)) + 1
-    prefill = before[common:]
-    return common if 0 < len(prefill) <= 64 and common < len(through) else None
-
-
-def _turn_text(before: str, through: str, reasoning: str | None, ordinal: int) -> str:
-    """What the model writes after ``before`` (the generation prompt) to arrive at ``through``."""
-    start = len(before) if through.startswith(before) else None
-    for find in (_prefilled_think, _realigned, _prefilled):
-        start = find(before, through) if start is None else start
-    if start is None:
-        raise DataError(
-            f"the chat template renders assistant turn {ordinal + 1} in a way that does not follow its own "
-            "generation prompt, so it is unclear what the model writes there; fix the template or pass a "
-            "--chat_template that agrees with itself",
-            "template_error",
-        )
-    text = through[start:]
-    if before.rstrip().endswith(THINK_OPEN) and not (reasoning and reasoning.strip() in text):
-        # The generation prompt opens a think block and the template does not show the reasoning in it
-        # (DeepSeek-R1 strips it from every turn): the model writes its reasoning there and closes the block.
-        if text.lstrip().startswith(THINK_CLOSE):
-            text = (reasoning or "") + text
-        else:
-            close = f"\n{THINK_CLOSE}\n\n" if before.endswith("\n") else THINK_CLOSE
-            text = (reasoning or "") + close + text
-    return text
-
-
-def _render_turn(
-    tokenizer: Any,
-    tc: TemplateConversation,
-    support: TemplateSupport,
-    view: list[int],
-    message: int,
-    ordinal: int,
-    replaced: dict[int, dict] | None = None,
-) -> _Turn:
-    """The turn tc.messages[message] rendered in a view of the conversation (the indices of the messages
-    shown, some of them possibly ``replaced``)."""
-    messages = [(replaced or {}).get(k, tc.messages[k]) for k in view]
-    position = view.index(message)
-    reasoning = tc.reasoning[message]
-    thinking = reasoning is not None
-    before = _render_row(tokenizer, messages[:position], tc.tools, True, thinking)
-    rendered = _render_row(tokenizer, messages[: position + 1], tc.tools, False, thinking)
-    through = rendered.removesuffix(
-        support.end_text
-    ).rstrip()  # whitespace after the end-of-turn token is not generated
-    text = _turn_text(before, through, reasoning, ordinal)
-    if support.turn_stops:
-        # The turn ends without an end-of-turn token (GLM): the model stops by writing the token that opens
-        # the next message (or, where the row ends, a user message).
-        following = tc.messages[message + 1]["role"] if message + 1 < len(tc.messages) else "user"
-        stop = dict(support.turn_stops).get(following, "")
-        text, through = text + stop, through + stop
-    return _Turn(ordinal=ordinal, message=message, context=before, text=text, whole=through)
-
-
-def _chains(turns: list[_Turn]) -> list[list[_Turn]]:
+def _chains(turns: list[Turn]) -> list[list[Turn]]:
     """Runs of consecutive turns each of whose context + text is a prefix of the next one's: turns the
     template keeps verbatim, trainable together in one sample (the render through the run's last turn)."""
-    runs: list[list[_Turn]] = []
+    runs: list[list[Turn]] = []
     for turn in turns:
         if runs and turn.sample_text.startswith(runs[-1][-1].sample_text):
             runs[-1].append(turn)
@@ -320,7 +190,7 @@ class _RowTokenizer:
         return tokens
 
 
-def _sample(tokens: _Tokenized, run: list[_Turn], tc: TemplateConversation, history: str) -> Sample:
+def _sample(tokens: _Tokenized, run: list[Turn], tc: TemplateConversation, history: str) -> Sample:
     """The sample for a run of turns, cut right after the last turn's stop token."""
     spans = [tokens.span(len(t.context), len(t.sample_text)) for t in run]
     end = spans[-1][1]
@@ -336,47 +206,6 @@ def _sample(tokens: _Tokenized, run: list[_Turn], tc: TemplateConversation, hist
     return Sample(
         input_ids=tokens.ids[:end], labels=labels, turns=[t.ordinal for t in run], history=history, reasoning=reasoning
     )
-
-
-def _shows(text: str, piece: str) -> bool:
-    """Whether a rendered text contains a message's text (as is, or JSON-escaped as some templates put it)."""
-    piece = piece.strip()
-    return not piece or piece in text or json.dumps(piece, ensure_ascii=False)[1:-1] in text
-
-
-def _dropped_by_template(turns: list[_Turn], tc: TemplateConversation) -> list[tuple[str, str]]:
-    """What the template leaves out: of each trained turn, in the text the model is trained to write; of
-    every other message, in the context of the next trained turn. Each is (reason, description)."""
-    omissions = []
-    for turn in turns:
-        where = f"assistant turn {turn.ordinal + 1}"
-        for source in tc.sources[turn.message]:
-            if not _shows(turn.text, source["content"]):
-                reason = (
-                    "template_drops_text_beside_tool_calls" if source.get("tool_calls") else "template_drops_content"
-                )
-                omissions.append((reason, f"{where}: its text is not in the rendered turn"))
-            if source.get("reasoning_content") and not _shows(turn.text, source["reasoning_content"]):
-                omissions.append(("template_drops_reasoning", f"{where}: its reasoning is not in the rendered turn"))
-            names = [c["function"]["name"] for c in source.get("tool_calls", [])]
-            if any(turn.text.count(name) < names.count(name) for name in names):
-                what = f"{where}: not all of its {len(names)} tool calls render"
-                omissions.append(("template_drops_tool_calls", what))
-    trained = {t.message for t in turns}
-    for k in range(turns[-1].message):
-        if k in trained:
-            continue
-        seen_by = next(t for t in turns if t.message > k)
-        for source in tc.sources[k]:
-            if not _shows(seen_by.context, source["content"]):
-                role = source["role"]
-                reason = (
-                    "template_drops_text_beside_tool_calls" if source.get("tool_calls") else f"template_drops_{role}"
-                )
-                omissions.append(
-                    (reason, f"a {role} message before assistant turn {seen_by.ordinal + 1} is not in its context")
-                )
-    return omissions
 
 
 @dataclass
@@ -432,10 +261,10 @@ class _Windows:
     def _view(head: _Head, start: int, message: int) -> list[int]:
         return [k for k in head.messages if k < start] + list(range(start, message + 1))
 
-    def _fitting(self, head: _Head, start: int, turn: _Turn) -> tuple[_Turn, _Tokenized] | None:
+    def _fitting(self, head: _Head, start: int, turn: Turn) -> tuple[Turn, _Tokenized] | None:
         view = self._view(head, start, turn.message)
         try:
-            rendered = _render_turn(
+            rendered = render_turn(
                 self.tokenizer, self.tc, self.support, view, turn.message, turn.ordinal, head.replaced
             )
         except DataError:  # the template refuses this cut of the conversation
@@ -450,7 +279,7 @@ class _Windows:
     def _may_fit(self, head: _Head, start: int, message: int) -> bool:
         return self._estimate(head, start, message) <= 1.1 * self.budget + 16  # estimates are within ~10%
 
-    def samples(self, turns: list[_Turn]) -> tuple[list[Sample], list[_Turn]]:
+    def samples(self, turns: list[Turn]) -> tuple[list[Sample], list[Turn]]:
         """(samples, turns that fit in no window)."""
         samples, unfit, i = [], [], 0
         while i < len(turns):
@@ -471,7 +300,7 @@ class _Windows:
             samples.append(_sample(tokens, run, self.tc, head.history))
         return samples, unfit
 
-    def _shortest_cut(self, turn: _Turn) -> tuple[_Head, int, tuple[_Turn, _Tokenized]] | None:
+    def _shortest_cut(self, turn: Turn) -> tuple[_Head, int, tuple[Turn, _Tokenized]] | None:
         """(head, start, rendered turn) with the most recent history that fits: the earliest start the size
         estimate allows, then exact renders, one start earlier or later at a time."""
         for full_head in self.heads:
@@ -511,7 +340,7 @@ def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptio
     tc = adapt_to_template(conv, support)
     turn_messages = [k for k, trained in enumerate(tc.trained) if trained]
     full = [
-        _render_turn(tokenizer, tc, support, list(range(message + 1)), message, ordinal)
+        render_turn(tokenizer, tc, support, list(range(message + 1)), message, ordinal)
         for ordinal, message in enumerate(turn_messages)
     ]
     runs = _chains(full)
@@ -522,7 +351,7 @@ def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptio
             "sequence; drop --history_rewrites refuse to train each turn in its own context",
             "template_rewrites_history",
         )
-    omissions = _dropped_by_template(full, tc)
+    omissions = dropped_by_template(full, tc)
 
     budget = options.max_seq_length
     tokenize = _RowTokenizer(tokenizer)

@@ -31,6 +31,20 @@ def pytest_configure(config) -> None:
         )
 
 
+def trained_texts(sample, tokenizer) -> list[str]:
+    """The decoded runs of consecutive trained tokens of a sample."""
+    runs, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
 def template_text(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TEMPLATES
 
 from sftcore.dataset import build_datasets, build_sequences
 from sftcore.masking import EncodeOptions
@@ -50,10 +50,27 @@ def as_keys(sequences) -> list[tuple]:
     return sorted((tuple(s["input_ids"]), tuple(s["labels"]), tuple(s.get("position_ids", ()))) for s in sequences)
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
+def on_both_paths(world: int, **options) -> tuple[list, list, object]:
+    """build_datasets on a real local Ray (train rows, validation rows, summary), checked equal to
+    build_sequences run by `world` simulated torchrun ranks."""
     import ray
 
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        train, validation, summary = build_datasets(**options)
+        ray_train, ray_validation = list(train.iter_rows()), list(validation.iter_rows())
+    finally:
+        ray.shutdown()
+    for local_train, local_validation, local_summary in in_threads_as_ranks(world, **options):
+        assert local_summary == summary
+        assert as_keys(local_train) == as_keys(ray_train)
+        assert as_keys(local_validation) == as_keys(ray_validation)
+    return ray_train, ray_validation, summary
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
     lines = (SHARED_DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()[:80]
     lines[10] = '{"input": "no output field"}'
     lines[20] = ""
@@ -67,18 +84,7 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
         "seed": 7,
         "packing": packing,
     }
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        train, validation, summary = build_datasets(**options)
-        ray_train, ray_validation = list(train.iter_rows()), list(validation.iter_rows())
-    finally:
-        ray.shutdown()
-
-    for local_train, local_validation, local_summary in in_threads_as_ranks(2, **options):
-        assert local_summary == summary
-        assert as_keys(local_train) == as_keys(ray_train)
-        assert as_keys(local_validation) == as_keys(ray_validation)
+    _, _, summary = on_both_paths(2, **options)
     assert summary.lines == 80 and summary.blank_lines == 1 and [r["line"] for r in summary.rejected] == [11]
     assert summary.train_rows + summary.validation_rows == summary.rows == 78
 
@@ -87,9 +93,6 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
 def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing):
     """Under Qwen3's template tau-bench rows become several samples each; a row's samples all go to the
     same split, the counts add up, and the Ray Data and torchrun paths give the same sequences."""
-    import ray
-    from conftest import TEMPLATES
-
     lines = (SHARED_DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:12]
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -102,16 +105,7 @@ def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_pat
         "packing": packing,
         "chat_template": str(TEMPLATES / "Qwen-Qwen3-0.6B.jinja"),
     }
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        train, validation, summary = build_datasets(**options)
-        ray_train, ray_validation = list(train.iter_rows()), list(validation.iter_rows())
-    finally:
-        ray.shutdown()
-    ((local_train, local_validation, local_summary),) = in_threads_as_ranks(1, **options)
-    assert local_summary == summary
-    assert as_keys(local_train) == as_keys(ray_train) and as_keys(local_validation) == as_keys(ray_validation)
+    ray_train, ray_validation, summary = on_both_paths(1, **options)
     assert (summary.train_rows, summary.validation_rows) == (9, 3) and summary.samples > 12
     assert summary.split_overhead > 1.5 and summary.trained_turns == summary.samples  # one turn per sample
     if not packing:

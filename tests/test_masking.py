@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import real_rows
+from conftest import real_rows, trained_texts
 
 from sftcore import IGNORE_INDEX, DataError, encode_row, parse_row
 from sftcore.masking import FULL_HISTORY, WINDOW, EncodeOptions, Sample
@@ -22,20 +22,6 @@ def only_sample(row: dict, tokenizer, **options) -> Sample:
 
 def trained_mask(sample: Sample) -> list[int]:
     return [int(label != IGNORE_INDEX) for label in sample.labels]
-
-
-def trained_texts(sample: Sample, tokenizer) -> list[str]:
-    """The decoded runs of consecutive trained tokens."""
-    runs, current = [], []
-    for token, label in zip(sample.input_ids, sample.labels, strict=True):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
 
 
 def generation_tag_expectation(row: dict, tokenizer, tagged_template: str) -> tuple[list[int], list[int]]:

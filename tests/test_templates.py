@@ -14,7 +14,7 @@ import json
 import re
 
 import pytest
-from conftest import REAL_DATA_FILES, official_tokenizer, real_rows
+from conftest import REAL_DATA_FILES, official_tokenizer, real_rows, trained_texts
 
 from sftcore import IGNORE_INDEX, DataError
 from sftcore.data import parse_row
@@ -165,10 +165,7 @@ def check_row(family_name: str, tokenizer, row: dict, max_seq_length: int | None
         return
     if not dropped & {"template_drops_content", "template_drops_text_beside_tool_calls"}:
         messages = [m for m in parse_row(row).messages if m["role"] == "assistant"]
-        trained_text = "".join(
-            tokenizer.decode([i for i, label in zip(s.input_ids, s.labels, strict=True) if label != IGNORE_INDEX])
-            for s in encoded.samples
-        )
+        trained_text = "".join(run for s in encoded.samples for run in trained_texts(s, tokenizer))
         for k in trained_ordinals:
             assert json.dumps(messages[k]["content"].strip())[1:-1] in json.dumps(trained_text), family_name
 
@@ -179,39 +176,13 @@ def test_every_row_is_trained_exactly_or_refused_with_a_reason(family):
         check_row(name, tokenizer, row)
 
 
-def trained_runs(sample, tokenizer) -> list[str]:
-    runs, current = [], []
-    for token, label in zip(sample.input_ids, sample.labels, strict=True):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs, current = [*runs, tokenizer.decode(current)], []
-    return runs + ([tokenizer.decode(current)] if current else [])
-
-
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gpt_oss", "mistral_nemo", "glm46"])
-def test_shortened_histories_keep_exact_masks_and_train_every_turn(name):
-    """At 1,024 tokens almost every tau-bench turn needs a shortened history (the system prompt alone is
-    ~1,340 tokens; Mistral-Nemo shows it only when a user message is last)."""
-    tokenizer = official_tokenizer(name)
-    for _, _, row in REAL[:20]:
-        check_row(name, tokenizer, row, max_seq_length=1024)
-        encoded = encode_row(row, tokenizer, EncodeOptions(max_seq_length=1024))
-        assert encoded.dropped_turns == 0 and encoded.trained_turns == sum(assistant_trained_flags(row))
-        assert encoded.windowed_turns > 0
-    if name == "gemma2":  # no system role: the first user message, without the system prompt folded into it
-        first = json.loads(REAL[0][2]["input"])[1]["content"]
-        sample = encode_row(REAL[0][2], tokenizer, EncodeOptions(max_seq_length=1024)).samples[0]
-        assert tokenizer.decode(sample.input_ids).startswith(f"<bos><start_of_turn>user\n{first}<end_of_turn>")
-
-
 def test_reasoning_is_trained_where_the_template_shows_it_and_reported_where_it_drops_it(family):
     """The newest turn's reasoning is trained once (in the template's own field or format, or after its
     generation prompt's <think>), or the template drops it and an omission says so (Llama-3.1 renders only
     the call of a tool-call message; DeepSeek gives no <think> after tool output)."""
     name, tokenizer = family
     encoded = encode_row(REASONING_ROW, tokenizer)
-    everything = "".join(run for s in encoded.samples for run in trained_runs(s, tokenizer))
+    everything = "".join(run for s in encoded.samples for run in trained_texts(s, tokenizer))
     dropped = {what for reason, what in encoded.omissions if reason == "template_drops_reasoning"}
     reasoning_turns = {
         1: "I should search flights to CDG first.",
@@ -263,7 +234,7 @@ def test_turns_after_a_pre_filled_generation_prompt_follow_it():
         {"input": "Hi", "output": [{"role": "assistant", "content": "Hello!", "reasoning": "greet"}]}, tokenizer
     )
     sample = thinking.samples[0]
-    trained = tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100])
+    trained = "".join(trained_texts(sample, tokenizer))
     assert trained == "greet\n</think>\n\nHello!<|im_end|>"
 
 
@@ -273,13 +244,13 @@ def test_deepseek_r1_reasoning_is_written_into_the_think_block_its_prompt_opens(
     sample = encode_row(row, tokenizer).samples[0]
     text = tokenizer.decode(sample.input_ids)
     assert text.endswith("<｜User｜>2+2?<｜Assistant｜><think>\nAdd them.\n</think>\n\n4<｜end▁of▁sentence｜>")
-    trained = tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100])
+    trained = "".join(trained_texts(sample, tokenizer))
     assert trained == "Add them.\n</think>\n\n4<｜end▁of▁sentence｜>"
 
 
 def test_gpt_oss_trains_the_return_token_of_a_final_answer_and_the_call_token_of_a_tool_call():
     tokenizer = official_tokenizer("gpt_oss")
-    runs = [run for s in encode_row(WITH_TOOLS_ROW, tokenizer).samples for run in trained_runs(s, tokenizer)]
+    runs = [run for s in encode_row(WITH_TOOLS_ROW, tokenizer).samples for run in trained_texts(s, tokenizer)]
     assert runs == [
         ' to=functions.weather<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>',
         "<|channel|>final<|message|>It is -3C and snowing in Oslo.<|return|>",
@@ -296,7 +267,7 @@ def test_glm_trains_the_role_token_it_stops_with():
     tokenizer = official_tokenizer("glm46")
     encoded = encode_row(WITH_TOOLS_ROW, tokenizer)
     sample = encoded.samples[0]
-    trained = tokenizer.decode([i for i, label in zip(sample.input_ids, sample.labels, strict=True) if label != -100])
+    trained = "".join(trained_texts(sample, tokenizer))
     assert "</tool_call><|observation|>" in trained and trained.endswith("snowing in Oslo.<|user|>")
 
 
