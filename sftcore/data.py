@@ -318,7 +318,12 @@ def parse_row(row: Any, train_on: str = "all") -> Conversation:
         why = (
             "every assistant message in 'output' has \"train\": false"
             if not any(wanted)
-            else (f"--train_on {train_on} selects no trainable assistant message")
+            else f"--train_on {train_on} selects no trainable assistant message"
+            + (
+                " (none follows the last user message; --train_on last trains the last one)"
+                if train_on == "final"
+                else ""
+            )
         )
         raise DataError(f"nothing to train: {why}", "nothing_to_train")
     return Conversation(messages=messages, trained=trained, tools=tools)

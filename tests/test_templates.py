@@ -1,4 +1,4 @@
-"""Verbatim chat templates of 13 model families (tests/chat_templates/SOURCES.md) on real and synthetic rows.
+"""Verbatim chat templates of 14 models from 11 families (tests/chat_templates/SOURCES.md) on real and synthetic rows.
 
 The independent expectation is a scan of each sample's text for the template's own markers: every
 assistant turn is a region from the end of its header (and of any block the generation prompt
