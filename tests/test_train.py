@@ -161,3 +161,29 @@ def test_missing_data_file_is_one_line(tmp_path):
     result = train(tmp_path / "out", "--data_path", str(tmp_path / "nope.jsonl"), "--report_to", "none")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+
+
+def test_a_model_without_chat_template_or_tokenizer_is_one_line_before_ray(tmp_path, tiny_model):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    data = write_rows(tmp_path / "rows.jsonl", 4)
+    result = train(tmp_path / "out", "--data_path", data, "--model_name_or_path", str(bare), "--report_to", "none")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model_name_or_path {bare}: the tokenizer has no chat template; use an instruct/chat model or "
+        "pass --chat_template (a Jinja file, or 'chatml')"
+    )
+    missing = tmp_path / "no-model"
+    result = train(tmp_path / "out", "--data_path", data, "--model_name_or_path", str(missing), "--report_to", "none")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: --model_name_or_path {missing}: cannot load its tokenizer")
+    )

@@ -24,8 +24,9 @@ from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_
 from sftcore.config import TrainConfig, parse_config
 from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file
 from sftcore.dataset import DatasetSummary
+from sftcore.models import load_tokenizer
 from sftcore.runtime import TorchrunRuntime
-from sftcore.templates import load_chat_template
+from sftcore.templates import load_chat_template, template_support
 from sftcore.tracking import plot_loss_curve
 
 logger = logging.getLogger("sftcore.train")
@@ -268,10 +269,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def check_chat_template(cfg: TrainConfig) -> None:
+    """The tokenizer loads and has a chat template (its own or --chat_template), probed as the encoders will."""
+    try:
+        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"--model_name_or_path {cfg.model_name_or_path}: cannot load its tokenizer ({first_line})"
+        ) from None
+    try:
+        template_support(tokenizer)
+    except ValueError as e:
+        raise UsageError(f"--model_name_or_path {cfg.model_name_or_path}: {e}") from None
+
+
 def prepare(cfg: TrainConfig) -> Path:
     check_readable_file(cfg.data_path)  # fail in a second, not after Ray or the process group has started
     if cfg.chat_template:  # workers get the template's text: they may not see the file (other nodes, other cwd)
         cfg.chat_template = load_chat_template(cfg.chat_template)
+    check_chat_template(cfg)
     output_dir = check_output_dir(cfg)
     cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
     return output_dir
