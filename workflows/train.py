@@ -288,9 +288,9 @@ def prepare(cfg: TrainConfig) -> Path:
     check_readable_file(cfg.data_path)  # fail in a second, not after Ray or the process group has started
     if cfg.chat_template:  # workers get the template's text: they may not see the file (other nodes, other cwd)
         cfg.chat_template = load_chat_template(cfg.chat_template)
-    check_chat_template(cfg)
     output_dir = check_output_dir(cfg)
     cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
+    check_chat_template(cfg)
     return output_dir
 
 
