@@ -350,8 +350,8 @@ def adapt_to_template(conv: Conversation, support: TemplateSupport) -> TemplateC
         if messages[0]["role"] == "system":
             messages[0] = messages[0] | {"content": messages[0]["content"] + "\n\n" + block}
         else:
-            for column, value in ((messages, {"role": "system", "content": block}), (trained, False)):
-                column.insert(0, value)
+            messages.insert(0, {"role": "system", "content": block})
+            trained.insert(0, False)
             reasoning.insert(0, None)
             sources.insert(0, [])
         tools = None

@@ -84,9 +84,8 @@ def _realigned(before: str, through: str) -> int | None:
 
 def _prefilled(before: str, through: str) -> int | None:
     """Where the turn starts in ``through`` when the generation prompt ends with a short pre-filled block
-    the rendered turn lacks, other than think tags (Gemma-4's empty thought channel, Command-R7B's empty
-    thinking block): the turn follows it. The block starts after the common beginning, backed up to the
-    end of the last line or tag."""
+    the rendered turn lacks, other than think tags (Gemma-4's empty thought channel): the turn follows
+    it. The block starts after the common beginning, backed up to the end of the last line or tag."""
     common = len(os.path.commonprefix([before, through]))
     common = max(before.rfind("\n", 0, common), before.rfind(">", 0, common)) + 1
     prefill = before[common:]
@@ -134,9 +133,8 @@ def render_turn(
     thinking = reasoning is not None
     before = _render_row(tokenizer, messages[:position], tc.tools, True, thinking)
     rendered = _render_row(tokenizer, messages[: position + 1], tc.tools, False, thinking)
-    through = rendered.removesuffix(
-        support.end_text
-    ).rstrip()  # whitespace after the end-of-turn token is not generated
+    # less text added only where a conversation ends, and the whitespace after the end-of-turn token
+    through = rendered.removesuffix(support.end_text).rstrip()
     text = _turn_text(before, through, reasoning, ordinal)
     if support.turn_stops:
         # The turn ends without an end-of-turn token (GLM): the model stops by writing the token that opens
