@@ -86,18 +86,25 @@ def tokenizer_key(tokenizer: Any) -> tuple:
     return (tokenizer.name_or_path, len(tokenizer), added, tokenizer.bos_token, tokenizer.eos_token)
 
 
+_THINKING_MODES = {
+    None: {},  # the template's default
+    True: {"enable_thinking": True, "thinking": True},
+    False: {"enable_thinking": False, "thinking": False, "reasoning": False},
+}
+
+
 def render(
     tokenizer: Any,
     messages: list[dict],
     tools: list[dict] | None,
     add_generation_prompt: bool,
-    thinking: bool = False,
+    thinking: bool | None = None,
 ) -> str:
-    """The template's text. ``thinking`` renders in reasoning mode (``enable_thinking`` for Qwen3, QwQ,
-    DeepSeek-R1 distills; ``thinking`` for DeepSeek-V3.1): for turns whose reasoning is trained."""
-    extra = {"enable_thinking": True, "thinking": True} if thinking else {}
+    """The template's text, in its default mode (``thinking`` None), or with reasoning switched on or off
+    by the flags templates read (``enable_thinking``: Qwen3, QwQ, GLM, SmolLM3, DeepSeek-R1 distills;
+    ``thinking``: DeepSeek-V3.1; ``reasoning``: Command-A / Cohere2)."""
     return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **_THINKING_MODES[thinking]
     )
 
 

@@ -42,7 +42,11 @@ class Turn:
 
 
 def _render_row(
-    tokenizer: Any, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool, thinking: bool
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list[dict] | None,
+    add_generation_prompt: bool,
+    thinking: bool | None,
 ) -> str:
     try:
         return render(tokenizer, messages, tools, add_generation_prompt, thinking)
@@ -130,11 +134,22 @@ def render_turn(
     messages = [(replaced or {}).get(k, tc.messages[k]) for k in view]
     position = view.index(message)
     reasoning = tc.reasoning[message]
-    thinking = reasoning is not None
-    before = _render_row(tokenizer, messages[:position], tc.tools, True, thinking)
-    rendered = _render_row(tokenizer, messages[: position + 1], tc.tools, False, thinking)
-    # less text added only where a conversation ends, and the whitespace after the end-of-turn token
-    through = rendered.removesuffix(support.end_text).rstrip()
+
+    def turn_renders(thinking: bool | None) -> tuple[str, str, str]:
+        """(context with the generation prompt, the render through the turn, the same less text added only
+        where a conversation ends and the whitespace after the end-of-turn token)."""
+        before = _render_row(tokenizer, messages[:position], tc.tools, True, thinking)
+        rendered = _render_row(tokenizer, messages[: position + 1], tc.tools, False, thinking)
+        return before, rendered, rendered.removesuffix(support.end_text).rstrip()
+
+    # A turn with reasoning is written in thinking mode; one without, in the template's default mode, or
+    # where that prompt does not lead to the turn (it opens a reasoning block, as Cohere2's does) and the
+    # template has a mode without reasoning, in that mode.
+    before, rendered, through = turn_renders(True if reasoning is not None else None)
+    if reasoning is None and not through.startswith(before):
+        plain = turn_renders(False)
+        if plain[0] != before:
+            before, rendered, through = plain
     text = _turn_text(before, through, reasoning, ordinal)
     if support.turn_stops:
         # The turn ends without an end-of-turn token (GLM): the model stops by writing the token that opens

@@ -332,3 +332,20 @@ def test_tokenizer_without_chat_template_is_a_clear_error(smollm2_tokenizer):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         encode_row(EDGE_CASES["non_ascii"], tokenizer)
+
+
+OPENS_REASONING_BY_DEFAULT = (  # like Cohere2's: the generation prompt opens a reasoning block unless told not to
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if reasoning is not defined or reasoning %}{{ '[R]' }}{%- else %}{{ '[R][/R]' }}{%- endif %}{%- endif %}"
+)
+
+
+def test_a_turn_without_reasoning_is_written_in_the_mode_without_reasoning():
+    from sftcore.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer.chat_template = OPENS_REASONING_BY_DEFAULT
+    sample = only_sample({"input": "Hi", "output": "Hello!"}, tokenizer)
+    assert tokenizer.decode(sample.input_ids).endswith("<|im_start|>assistant\n[R][/R]Hello!<|im_end|>")
+    assert trained_texts(sample, tokenizer) == ["Hello!<|im_end|>"]
