@@ -239,6 +239,14 @@ def template_support(tokenizer: Any) -> TemplateSupport:
     system_role = _renders(tokenizer, [{"role": "system", "content": _PROBE}, user], no_tools)
     alternation = _raises(tokenizer, [user, {"role": "user", "content": "again"}], no_tools)
     end_text = _end_text(tokenizer, no_tools)
+    if end_text and render(tokenizer, [user], no_tools, True) == render(tokenizer, [user], no_tools, False):
+        # Text that ends every conversation and is also the generation prompt (Command-R7B's tool-use
+        # template) starts like any turn header: where an assistant turn ends cannot be told apart.
+        raise ValueError(
+            f"the chat template appends its generation prompt ({end_text.strip()[:60]!r}) to every conversation, "
+            "even without add_generation_prompt, so where an assistant turn ends is ambiguous; pass a "
+            "--chat_template that adds it only when asked"
+        )
     support = TemplateSupport(
         tool_calls=tool_calls,
         tool_call_ids=tool_call_ids,

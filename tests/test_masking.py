@@ -349,3 +349,17 @@ def test_a_turn_without_reasoning_is_written_in_the_mode_without_reasoning():
     sample = only_sample({"input": "Hi", "output": "Hello!"}, tokenizer)
     assert tokenizer.decode(sample.input_ids).endswith("<|im_start|>assistant\n[R][/R]Hello!<|im_end|>")
     assert trained_texts(sample, tokenizer) == ["Hello!<|im_end|>"]
+
+
+def test_a_template_that_always_appends_its_generation_prompt_is_refused_not_guessed():
+    """Command-R7B's tool-use template ends every conversation with its generation prompt: where a turn
+    ends would be a guess, so the template is refused with a message saying why."""
+    from sftcore.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+        "{{ '<|im_start|>assistant\\n' }}"
+    )
+    with pytest.raises(ValueError, match="appends its generation prompt .* to every conversation"):
+        encode_row({"input": "Hi", "output": "Hello!"}, tokenizer)
