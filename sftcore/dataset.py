@@ -89,7 +89,7 @@ class RowEncoder:
         rows = [
             out for line, text in zip(batch["line"], batch["text"], strict=True) for out in self.encode(int(line), text)
         ]
-        return columns_of(rows)
+        return columns_of(rows) if rows else {}  # a torchrun rank may get no lines
 
 
 def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:

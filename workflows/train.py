@@ -191,10 +191,8 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
     bad rows unless skipping them, and plan the run: the per-worker loop's config."""
     report_untrained(cfg, summary, output_dir, speak)
     if summary.train_rows == 0:
-        raise UsageError(
-            f"{cfg.data_path}: no rows to train on"
-            + (f" ({summary.format_rejects(limit=3)})" if summary.rejected else "")
-        )
+        listed = f"\n{summary.format_rejects(limit=3)}" if summary.rejected else ""
+        raise UsageError(f"{cfg.data_path}: no rows to train on{listed}")
     steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
     if speak:
         logger.info(
