@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,16 +29,30 @@ TEMPLATES = REPO / "tests" / "chat_templates"
 DATA = REPO.parent / "shared" / "data"
 
 
+# Marker-like strings in a template that are one token in its model's tokenizer: <|...|>, <｜...｜>, [INST]-style
+# tags, and the common <think>, <tool_call>, <start_of_turn> tags.
+MARKERS = re.compile(
+    r"<\|[^|<>\s]{1,40}\|>|<｜[^｜]{1,40}｜>|\[/?[A-Z_]{2,20}\]|</?(?:think|tool_call|tool_response)>"
+    r"|<(?:start|end)_of_turn>|<bos>|<eos>|</?s>"
+)
+
+
 def family_tokenizer(name: str):
+    """The SmolLM2 tokenizer with a family's template and special tokens (families.json), SmolLM2's own
+    ChatML ("chatml"), or any template file, with the marker-like strings in it as special tokens."""
     from sftcore.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     if name == "chatml":
         return tokenizer
+    if name.endswith(".jinja"):
+        template = Path(name).read_text(encoding="utf-8")
+        tokenizer.add_tokens(sorted(set(MARKERS.findall(template))), special_tokens=True)
+        tokenizer.chat_template = template
+        return tokenizer
     family = json.loads((TEMPLATES / "families.json").read_text(encoding="utf-8"))[name]
-    tokenizer.add_tokens(
-        family["special_tokens"] + [t for t in (family["bos"], family["eos"]) if t], special_tokens=True
-    )
+    special = family["special_tokens"] + [t for t in (family["bos"], family["eos"]) if t]
+    tokenizer.add_tokens(special, special_tokens=True)
     if family["bos"]:
         tokenizer.bos_token = family["bos"]
     tokenizer.eos_token = family["eos"]
@@ -86,6 +101,23 @@ def measure(name: str, path: Path, max_seq_length: int | None) -> dict:
     }
 
 
+def survey(templates: list[str], args: argparse.Namespace) -> None:
+    """One line per template over all the data: the share of rows trained and why the rest are not."""
+    trained_enough = 0
+    for template in templates:
+        try:
+            results = [measure(template, Path(path), args.max_seq_length) for path in args.data]
+        except ValueError as e:  # the template as a whole is refused (no template, or ambiguous turn ends)
+            print(f"{Path(template).name[:48]:48}   refused: {e}")
+            continue
+        rows, trained = sum(r["rows"] for r in results), sum(r["trained"] for r in results)
+        rejected = sum((Counter(r["rejected"]) for r in results), Counter())
+        trained_enough += trained >= 0.95 * rows
+        notes = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
+        print(f"{Path(template).name[:48]:48} {trained:>5}/{rows:<5} {100 * trained / rows:5.1f}%  {notes}")
+    print(f"{trained_enough} of {len(templates)} templates train at least 95% of the rows")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -93,6 +125,12 @@ def main() -> None:
     )
     parser.add_argument("--max_seq_length", type=int, default=None, help="default: no limit (whole rows)")
     parser.add_argument("--families", default=None, help="comma-separated; default: chatml and every verbatim family")
+    parser.add_argument(
+        "--templates_dir",
+        default=None,
+        help="instead, every *.jinja file in this folder (e.g. llama.cpp's models/templates), its marker-like "
+        "strings as special tokens; prints one summary line per template",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
@@ -102,6 +140,9 @@ def main() -> None:
         if args.families
         else ["chatml", *json.loads((TEMPLATES / "families.json").read_text())]
     )
+    if args.templates_dir:
+        survey(sorted(str(p) for p in Path(args.templates_dir).glob("*.jinja")), args)
+        return
 
     results = [measure(name, Path(path), args.max_seq_length) for name in families for path in args.data]
     print(
