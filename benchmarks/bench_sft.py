@@ -35,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATION_TEMPLATE = REPO / "tests" / "chat_templates" / "smollm2_generation.jinja"
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"
 CONFIGS = ["sftcore", "sftcore_no_packing", "trl_default", "trl_packing"]
 
 

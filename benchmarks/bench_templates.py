@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "tests" / "chat_templates"
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"
 
 
 # Marker-like strings in a template that are one token in its model's tokenizer: <|...|>, <｜...｜>, [INST]-style

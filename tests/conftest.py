@@ -14,21 +14,11 @@ from sftcore.models import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
-SHARED_DATA = Path(os.environ.get("SFTCORE_SHARED_DATA", REPO.parent / "shared" / "data"))
-REAL_DATA_FILES = [SHARED_DATA / "taubench_airline_dev.jsonl", SHARED_DATA / "fireact_hotpotqa.jsonl"]
+DATA = Path(__file__).resolve().parent / "data"  # real trajectories, shipped with the tests (data/README.md)
+REAL_DATA_FILES = [DATA / "taubench_airline_dev.jsonl", DATA / "fireact_hotpotqa.jsonl"]
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def pytest_configure(config) -> None:
-    missing = [str(p) for p in REAL_DATA_FILES if not p.is_file()]
-    if missing:
-        pytest.exit(
-            f"the tests need the real trajectory data, not found: {', '.join(missing)}; clone next to the shared/ "
-            "folder (../shared/data) or set SFTCORE_SHARED_DATA=/path/to/shared/data",
-            returncode=4,
-        )
 
 
 def trained_texts(sample, tokenizer) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import SHARED_DATA, TEMPLATES
+from conftest import DATA, TEMPLATES
 
 from sftcore.dataset import build_datasets, build_sequences
 from sftcore.masking import EncodeOptions
@@ -71,7 +71,7 @@ def on_both_paths(world: int, **options) -> tuple[list, list, object]:
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
-    lines = (SHARED_DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()[:80]
+    lines = (DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()[:80]
     lines[10] = '{"input": "no output field"}'
     lines[20] = ""
     data = tmp_path / "rows.jsonl"
@@ -93,7 +93,7 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
 def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing):
     """Under Qwen3's template tau-bench rows become several samples each; a row's samples all go to the
     same split, the counts add up, and the Ray Data and torchrun paths give the same sequences."""
-    lines = (SHARED_DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:12]
+    lines = (DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:12]
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(lines) + "\n")
     options = {

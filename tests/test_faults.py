@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import COMMON, REPO, SHARED_DATA, losses, save_tiny_model, train, train_command, train_env
+from conftest import COMMON, DATA, REPO, losses, save_tiny_model, train, train_command, train_env
 
 from sftcore.tracking import ROLLED_BACK_FILE, stable_run_id
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # 16 steps of 2 FireAct trajectories, checkpoints at 4, 8, 12: slow enough (~0.3 s a step) to be hit mid-run.
 RUN = [
     "--data_path",
-    str(SHARED_DATA / "fireact_hotpotqa.jsonl"),
+    str(DATA / "fireact_hotpotqa.jsonl"),
     "--num-workers",
     "1",
     "--max_steps",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import COMMON, REPO, SHARED_DATA, losses, train, write_rows
+from conftest import COMMON, DATA, REPO, losses, train, write_rows
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_long_agent_runs_train_at_1024_tokens_with_default_flags_and_report_what
     """tau-bench rows run to several thousand tokens and their system prompt alone is ~1,340: with the
     default --overflow window every turn still trains (without the system prompt), and the run says so."""
     out = tmp_path / "run"
-    data = SHARED_DATA / "taubench_airline_dev.jsonl"
+    data = DATA / "taubench_airline_dev.jsonl"
     args = ["--data_path", str(data), "--model_name_or_path", tiny_model, "--max_seq_length", "1024"]
     result = train(out, *args, "--max_steps", "2", "--report_to", "none")
     assert result.returncode == 0, result.stderr[-3000:]
