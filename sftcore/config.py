@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from sftcore.data import TRAIN_ON
 from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
@@ -161,6 +166,9 @@ class TrainConfig:
         return EncodeOptions(self.max_seq_length, self.history_rewrites, self.overflow, self.train_on)
 
 
+RESOLVED_CONFIG_FILE = "train_config.yaml"  # in output_dir: every option of the run, for --config
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "y", "on"):
         return True
@@ -169,12 +177,93 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _checked_value(name: str, kind: str, choices: tuple[str, ...] | None, value: Any) -> Any:
+    """A YAML value for field ``name`` of type ``kind`` (its annotation, as text), or ValueError saying why not."""
+    optional = "None" in kind
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}: needs a value")
+    if kind.startswith("bool"):
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind.startswith(("int", "float")):
+        number = int if kind.startswith("int") else float
+        what = "an integer" if number is int else "a number"
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value = number(value)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and (number is float or value == int(value))
+        value = number(value) if ok else value
+    else:
+        ok, what = isinstance(value, str), "a string"
+    if not ok:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    if choices and value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def read_config_file(path: str, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The TrainConfig options a YAML file sets, checked: every key must be an option (a typo is an error
+    that names the closest one) with a value of its type. ``only``: the options a tool uses; the file's
+    other training options are valid but ignored, so that one run config serves every tool."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    aliases = {alias.lstrip("-").replace("-", "_"): f.name for f in fields.values() for alias in f.metadata["aliases"]}
+    values = {}
+    for key, value in loaded.items():
+        name = aliases.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else " (python workflows/train.py --help lists them)"
+            raise ValueError(f"--config {path}: unknown option {key!r}{hint}")
+        if only is not None and name not in only:
+            continue
+        try:
+            values[name] = _checked_value(name, str(fields[name].type), fields[name].metadata["choices"], value)
+        except ValueError as e:
+            raise ValueError(f"--config {path}: {e}") from None
+    return values
+
+
+def save_resolved_config(cfg: TrainConfig, output_dir: Path) -> Path:
+    """Every option of this run, defaults included, as --config reads it: ``--config`` with this file
+    (and a new --output_dir) reproduces the run."""
+    path = output_dir / RESOLVED_CONFIG_FILE
+    header = "# Every option of this run; `python workflows/train.py --config THIS_FILE` runs it again.\n"
+    path.write_text(header + yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True, width=120))
+    return path
+
+
 def add_config_arguments(
-    parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None, defaults: dict[str, Any] | None = None
+    parser: argparse.ArgumentParser,
+    only: tuple[str, ...] | None = None,
+    defaults: dict[str, Any] | None = None,
+    argv: list[str] | None = None,
 ) -> None:
     """One flag per TrainConfig field (or per field in ``only``), with its help, type, choices and default
-    (``defaults`` overrides some, for tools that share a few of training's options)."""
-    defaults = defaults or {}
+    (``defaults`` overrides some, for tools that share a few of training's options), and ``--config
+    FILE``, whose options (read from ``argv``, checked) become the defaults that flags override."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML file of options (any of the flags below, without the dashes); flags given as well override it",
+    )
+    found, _ = _config_flag_parser().parse_known_args(argv)
+    try:
+        from_file = read_config_file(found.config, only) if found.config else {}
+    except ValueError as e:
+        parser.error(str(e))
+    defaults = {**(defaults or {}), **from_file}
     for f in dataclasses.fields(TrainConfig):
         if only is not None and f.name not in only:
             continue
@@ -193,22 +282,30 @@ def add_config_arguments(
             kwargs["type"] = float
         if f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
-        if f.name == "data_path":
+        if f.name == "data_path" and default is None:
             kwargs["required"] = True
         if default is not None and f.name != "data_path":
             kwargs["help"] += f" (default: {default})"
         parser.add_argument(*names, **kwargs)
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
+def _config_flag_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    return parser
+
+
+def build_parser(description: str = "", argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    add_config_arguments(parser, argv=argv)
     return parser
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> TrainConfig:
-    parser = build_parser(description)
+    parser = build_parser(description, argv)
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
     try:
-        return TrainConfig(**vars(parser.parse_args(argv)))
+        return TrainConfig(**args)
     except ValueError as e:
         parser.error(str(e))  # usage line + one-line error, exit code 2

@@ -125,3 +125,11 @@ def test_inspect_data_cli_unknown_chat_template_is_one_line(tmp_path):
     result = run_inspect("--data_path", str(REAL_DATA_FILES[0]), "--chat_template", "no-such-template")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --chat_template no-such-template: no such file, and not a template")
+
+
+def test_inspect_data_reads_a_run_config_and_ignores_its_training_only_options(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data_path: {REAL_DATA_FILES[0]}\nmax_seq_length: 1024\nuse_lora: true\nnum_workers: 4\n")
+    result = run_inspect("--config", str(config), "--examples", "0")
+    assert result.returncode == 0, result.stderr
+    assert "turns with a shortened history (--overflow window): 790" in result.stdout

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_train_exactly_like_one_worker_with_the_same_global_batch(tmp_path, tiny_model):
+def test_two_workers_train_like_one_with_the_same_global_batch_and_the_saved_config_reruns_it(tmp_path, tiny_model):
     data = write_rows(tmp_path / "rows.jsonl", 4)  # one global batch of 4 rows: every step sees all of them
     base = ["--data_path", data, "--model_name_or_path", tiny_model, "--max_steps", "3", "--save_steps", "100", *COMMON]
     base += ["--packing", "false"]  # rows, not packs: the batch is the 4 rows
@@ -44,6 +44,11 @@ def test_two_workers_train_exactly_like_one_worker_with_the_same_global_batch(tm
         "none",
     )
     assert accum.returncode == 0, accum.stderr[-3000:]
+
+    # The resolved config a run saves reproduces it (a new output_dir given as a flag overrides the file's).
+    again = train(tmp_path / "again", "--config", str(tmp_path / "accum" / "train_config.yaml"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(tmp_path / "again") == losses(tmp_path / "accum")
 
     reference = losses(tmp_path / "one")
     assert sorted(reference) == [1, 2, 3]

@@ -5,7 +5,8 @@ numbers, and highlighted samples (trained text in green, its reasoning in magent
         [--max_seq_length 4096] [--chat_template FILE] [--examples 1] [--html out.html]
 
 The rendering options (--max_seq_length, --overflow, --history_rewrites, --train_on, --chat_template)
-are training's own, with the same defaults, so the report shows what a run with them trains.
+are training's own, with the same defaults, so the report shows what a run with them trains; `--config
+run.yaml` takes them from a run's config file (its other options are ignored here).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SHARED_OPTIONS = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, SHARED_OPTIONS, defaults={"model_name_or_path": "smollm2-135m-instruct"})
+    add_config_arguments(parser, SHARED_OPTIONS, defaults={"model_name_or_path": "smollm2-135m-instruct"}, argv=argv)
     parser.add_argument("--examples", type=int, default=1, help="how many rows to show highlighted, sample by sample")
     parser.add_argument("--html", default=None, help="also write the highlighted examples to this HTML file")
     parser.add_argument("--no_color", action="store_true", help="mark trained text with [[ ]] instead of colour")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = vars(parser.parse_args(argv))
     examples, html_path, no_color = args.pop("examples"), args.pop("html"), args.pop("no_color")
+    args.pop("config")
     context_chars = args.pop("context_chars") or None
     cfg = TrainConfig(**args)
     logging.basicConfig(level=logging.WARNING)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
-from sftcore.config import TrainConfig, parse_config
+from sftcore.config import TrainConfig, parse_config, save_resolved_config
 from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file
 from sftcore.dataset import DatasetSummary
 from sftcore.models import load_tokenizer
@@ -302,6 +302,7 @@ def run(cfg: TrainConfig) -> int:
     from sftcore.loop import train_loop_per_worker
 
     output_dir = prepare(cfg)
+    save_resolved_config(cfg, output_dir)
     init_ray(cfg)
     check_output_dir_is_shared(output_dir)
     resources = ray.cluster_resources()
@@ -364,6 +365,8 @@ def run_under_torchrun(cfg: TrainConfig) -> int:
         if cfg.num_workers != runtime.world and runtime.rank == 0:
             logger.info("torchrun started %d processes: training with %d workers", runtime.world, runtime.world)
         cfg.num_workers = runtime.world
+        if runtime.rank == 0:
+            save_resolved_config(cfg, output_dir)
         train, validation, summary = build_sequences(
             cfg.data_path,
             cfg.model_name_or_path,
