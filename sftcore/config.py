@@ -107,6 +107,9 @@ class TrainConfig:
     max_bad_steps: int = _opt(
         5, "stop after N consecutive steps with a non-finite loss or gradient (such steps are skipped)"
     )
+    verbose: bool = _opt(
+        False, "also show Ray's and the libraries' own logs on the console (they are always in Ray's log files)"
+    )
     report_to: str = _opt("wandb", "wandb (offline when no API key) or none", ("wandb", "none"))
     wandb_project: str = _opt("sft-trajectory", "wandb project name")
     strategy: str = _opt(

@@ -1,4 +1,4 @@
-"""Ray Data pipeline: JSONL lines -> samples (actor pool) -> rejects reported -> train / validation split.
+"""Ray Data pipeline: JSONL lines -> samples (Ray Data tasks) -> rejects reported -> train / validation split.
 
 Every input line is accounted for: it becomes a training row, a validation row (each trained as one
 or more samples, with what of it is not trained counted by reason), a blank line, or a rejected row
@@ -7,6 +7,7 @@ with its line number and reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -45,8 +46,8 @@ _NO_STATUS = {
 
 
 class RowEncoder:
-    """Ray Data actor: loads the tokenizer once, then encodes batches of raw lines into samples. Each
-    line's first output row (``sample`` 0) also carries the line's status: its error, or its counts."""
+    """Loads the tokenizer once, then encodes batches of raw lines into samples. Each line's first
+    output row (``sample`` 0) also carries the line's status: its error, or its counts."""
 
     def __init__(
         self,
@@ -90,6 +91,25 @@ class RowEncoder:
             out for line, text in zip(batch["line"], batch["text"], strict=True) for out in self.encode(int(line), text)
         ]
         return columns_of(rows) if rows else {}  # a torchrun rank may get no lines
+
+
+@functools.lru_cache(maxsize=2)
+def _process_encoder(
+    model_name_or_path: str, options: EncodeOptions, trust_remote_code: bool, chat_template: str | None
+) -> RowEncoder:
+    return RowEncoder(model_name_or_path, options, trust_remote_code, chat_template)
+
+
+def encode_lines(
+    batch: dict[str, np.ndarray],
+    model_name_or_path: str,
+    options: EncodeOptions,
+    trust_remote_code: bool,
+    chat_template: str | None,
+) -> dict[str, Any]:
+    """Ray Data task: RowEncoder on a batch of lines. Tasks (not an actor pool) because Ray retries a
+    task lost with its node, and reuses worker processes, so each process loads the tokenizer once."""
+    return _process_encoder(model_name_or_path, options, trust_remote_code, chat_template)(batch)
 
 
 def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:
@@ -176,15 +196,16 @@ def build_datasets(
     labels and token counts per sample, or with packing per pack (plus position_ids and num_rows). A
     row's samples all go to the same split."""
     import ray.data
+    from ray.data.expressions import col
 
     summary, items = _start_summary(data_path)
     encoded = (
         ray.data.from_items(items)
         .map_batches(
-            RowEncoder,
-            fn_constructor_args=(model_name_or_path, options, trust_remote_code, chat_template),
+            encode_lines,
+            fn_args=(model_name_or_path, options, trust_remote_code, chat_template),
             batch_size=32,
-            concurrency=encoder_concurrency,
+            compute=ray.data.TaskPoolStrategy(size=encoder_concurrency),
             num_cpus=1,
         )
         .materialize()
@@ -192,9 +213,10 @@ def build_datasets(
     status = encoded.select_columns(["sample", *STATUS_COLUMNS]).to_pandas().to_dict("records")
     validation_lines = _account(summary, _line_status(status), validation_split, seed)
 
-    valid = encoded.filter(lambda r: r["error_reason"] == "").select_columns(SEQUENCE_COLUMNS)
-    train = valid.filter(lambda r: r["line"] not in validation_lines)
-    validation = valid.filter(lambda r: r["line"] in validation_lines) if validation_lines else None
+    valid = encoded.filter(expr=col("error_reason") == "").select_columns(SEQUENCE_COLUMNS)
+    held_out = sorted(validation_lines)
+    train = valid.filter(expr=col("line").not_in(held_out)) if held_out else valid
+    validation = valid.filter(expr=col("line").is_in(held_out)) if held_out else None
     budget = options.max_seq_length
     if packing:
         train, validation = (

@@ -388,26 +388,15 @@ class Trainer:
         if self.rank == 0 and not final:
             prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
 
-    def _log(self, row: dict[str, Any], eta_s: float | None = None) -> None:
+    def _log(self, row: dict[str, Any]) -> None:
         if self.metrics is None:
             return
         self.metrics.log(row)
-        if "loss" in row:
-            eta = f" eta {eta_s / 60:.1f}m" if eta_s is not None else ""
-            logger.info(
-                f"step {row['step']}/{self.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.2e} "
-                f"tok/s {row['tokens_per_second']:.0f}{eta}"
-            )
-        else:
-            logger.info(
-                f"step {row['step']} eval_loss {row['eval_loss']:.4f} "
-                f"ppl {row['eval_perplexity']:.2f} acc {row['eval_token_accuracy']:.3f}"
-            )
+        self.runtime.show(row)
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         accum = cfg.gradient_accumulation_steps
-        run_start, steps_this_run = time.perf_counter(), 0
         while state.step < self.total_steps:
             batches = self.runtime.train_batches(state.epoch, cfg.per_device_batch_size, cfg.seed)
             for _ in range(state.step_in_epoch * accum):  # resume mid-epoch: skip what was trained
@@ -420,11 +409,9 @@ class Trainer:
                 row = self.train_step(micro)
                 state.step += 1
                 state.step_in_epoch += 1
-                steps_this_run += 1
                 row = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / self.steps_per_epoch, **row}
                 if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
-                    per_step = (time.perf_counter() - run_start) / steps_this_run
-                    self._log(row, eta_s=per_step * (self.total_steps - state.step))
+                    self._log(row)
                 if self.evaluates and state.step % cfg.eval_steps == 0:
                     self._log({"step": state.step, **self.evaluate()})
                 if state.step % cfg.save_steps == 0 and state.step < self.total_steps:
@@ -456,4 +443,5 @@ def run_worker(loop_config: dict[str, Any], runtime: WorkerRuntime) -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on each worker."""
-    run_worker(loop_config, RayRuntime())
+    loop_config = dict(loop_config)
+    run_worker(loop_config, RayRuntime(loop_config.pop("events", None)))

@@ -1,8 +1,9 @@
 """Where the per-worker loop runs: under Ray Train (TorchTrainer) or under torchrun / accelerate launch.
 
-The loop (sftcore.loop) asks its runtime for four things only: who it is (rank, world size, device),
-its batches, the checkpoint to resume from, and how to publish a checkpoint it wrote. Everything
-else (the model, the step, saving, evaluation) is the same code under both launchers.
+The loop (sftcore.loop) asks its runtime for five things only: who it is (rank, world size, device),
+its batches, the checkpoint to resume from, how to publish a checkpoint it wrote, and where rank 0
+shows its progress. Everything else (the model, the step, saving, evaluation) is the same code under
+both launchers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import os
 import random
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sftcore.checkpoint import MANIFEST, checkpoint_problem, newest_checkpoint
+from sftcore.console import ConsoleFormatter, Progress
 from sftcore.dataset import columns_of
 from sftcore.parallel import barrier
 
@@ -28,9 +32,11 @@ SHUFFLE_BUFFER_ROWS = 256
 
 
 class RayRuntime:
-    """A Ray Train worker: data from Ray Data shards, checkpoints reported to (and restored by) Ray Train."""
+    """A Ray Train worker: data from Ray Data shards, checkpoints reported to (and restored by) Ray Train.
+    Its console output stays in Ray's log files; rank 0 sends its progress and its sftcore log lines to
+    the driver's display through ``events`` (relay_events)."""
 
-    def __init__(self) -> None:
+    def __init__(self, events: Any = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -39,6 +45,21 @@ class RayRuntime:
         self.device = ray.train.torch.get_device()
         self.train_shard = ray.train.get_dataset_shard("train")
         self.validation_shard = None  # fetched on first use: a run without validation has none
+        self.events = events if self.rank == 0 else None
+        if self.events is not None:
+            sftcore_logger = logging.getLogger("sftcore")
+            sftcore_logger.setLevel(logging.INFO)
+            sftcore_logger.addHandler(_EventHandler(self))
+
+    def show(self, event: dict[str, Any]) -> None:
+        from ray.exceptions import RayError
+
+        if self.events is None:
+            return
+        try:
+            self.events.put(event)
+        except RayError:  # the driver is gone: train on, its files are what matter now
+            self.events = None
 
     def train_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
         return iter(
@@ -75,6 +96,62 @@ class RayRuntime:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
+class _EventHandler(logging.Handler):
+    """sftcore's log records on a Ray Train worker, sent to the driver's console."""
+
+    def __init__(self, runtime: RayRuntime) -> None:
+        super().__init__(logging.INFO)
+        self.runtime = runtime
+        self.setFormatter(ConsoleFormatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.runtime.show({"message": self.format(record)})
+
+
+SILENCE_NOTE_SECONDS = 120  # after this long without a first step, the driver says what may be holding it
+
+
+@contextlib.contextmanager
+def relay_events(progress: Progress, waiting_for: str) -> Iterator[Any]:
+    """A Ray queue for rank 0's events (yielded: it goes to the workers in the loop config), shown by
+    ``progress`` from a driver thread until the block ends. If no event comes for a while, one line
+    says what the workers may be waiting for."""
+    from ray.exceptions import RayError
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def follow() -> None:
+        started, heard = time.monotonic(), False
+        while True:
+            try:
+                progress.show(queue.get(timeout=0.5))
+                heard = True
+            except Empty:
+                if done.is_set():
+                    return
+                if not heard and time.monotonic() - started > SILENCE_NOTE_SECONDS:
+                    heard = True  # say it once
+                    progress.show(
+                        {
+                            "message": f"no word from the workers for {SILENCE_NOTE_SECONDS}s: they are loading the "
+                            f"model, or waiting for {waiting_for} (`ray status` shows what the cluster has)"
+                        }
+                    )
+            except RayError:
+                return
+
+    thread = threading.Thread(target=follow, name="sftcore-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        progress.close()
+
+
 @contextlib.contextmanager
 def _as_path(directory_context: Any) -> Iterator[Path]:
     with directory_context as directory:
@@ -99,6 +176,7 @@ class TorchrunRuntime:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.train: list[dict[str, Any]] = []
         self.validation: list[dict[str, Any]] | None = None
+        self.progress: Progress | None = None  # rank 0's display, set once the run's length is known
 
     @staticmethod
     def launched() -> bool:
@@ -144,7 +222,13 @@ class TorchrunRuntime:
             shutil.copyfile(local_dir / MANIFEST, destination / MANIFEST)
         barrier()
 
+    def show(self, event: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.show(event)
+
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

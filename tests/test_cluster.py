@@ -231,7 +231,7 @@ def test_ray_job_submit_trains_on_two_nodes_into_shared_storage(tmp_path, tiny_m
     submitted = cluster.job(*submit_command("sft-two-nodes", shared, data, tiny_model, *args))
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
     assert "step 6/6" in submitted.stdout  # the driver's and workers' logs streamed back
-    assert "Connecting to existing Ray cluster" in submitted.stdout  # joined, did not start its own Ray
+    assert "ray: joined the cluster at" in submitted.stdout  # joined, did not start its own Ray
     assert cluster.job_status("sft-two-nodes") == "SUCCEEDED"
 
     nodes = cluster.train_worker_nodes()

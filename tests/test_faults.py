@@ -317,7 +317,7 @@ def hostile_lines(count: int) -> tuple[list[bytes], dict[int, str]]:
 
 
 def data_summary(stderr: str) -> dict[str, int]:
-    line = next(line for line in stderr.splitlines() if "sftcore.train: data:" in line)
+    line = next(line for line in stderr.splitlines() if line.startswith("data: "))
     words = line.split("data:", 1)[1].replace("(", " ").replace(")", " ").replace(",", " ").split()
     numbers = {}
     for i, word in enumerate(words[1:], start=1):

@@ -192,3 +192,47 @@ def test_a_model_without_chat_template_or_tokenizer_is_one_line_before_ray(tmp_p
         .splitlines()[-1]
         .startswith(f"error: --model_name_or_path {missing}: cannot load its tokenizer")
     )
+
+
+RAY_NOISE = [
+    "PlacementGroupCleaner",
+    "Failed to query Ray Train Controller",
+    "core_worker.cc",
+    "gcs_actor_scheduler",
+    "Failed to kill actor",
+    "has constructor arguments in the object store",
+    "Execution plan",
+    "Starting execution of Dataset",
+    "execution finished",
+    "Progress bars disabled",
+    "RayTrainWorker pid=",
+    "TrainController pid=",
+    "deprecated",
+    "Warning:",
+    "Loading weights",
+    "Writing model shards",
+    "wandb: Run history",
+    "Token authentication",
+    "Traceback",
+]
+
+
+def test_default_console_is_quiet_one_line_per_step_and_evaluation_then_a_summary(tmp_path, tiny_model):
+    """The README demo's shape (sample rows, LoRA, evaluation, wandb offline) at the default verbosity:
+    none of Ray's or the libraries' own lines, one line per step and per evaluation, and a summary."""
+    home = tmp_path / "home"
+    home.mkdir()
+    data = REPO / "examples" / "sample_trajectories.jsonl"
+    args = ["--data_path", str(data), "--model_name_or_path", tiny_model, "--use_lora", "--max_steps", "6"]
+    args += ["--save_steps", "3", "--max_seq_length", "512", "--per_device_batch_size", "1"]
+    result = train(tmp_path / "run", *args, env={"HOME": str(home), "WANDB_API_KEY": None, "WANDB_MODE": None})
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = (result.stdout + result.stderr).splitlines()
+    for noise in RAY_NOISE:
+        assert not [line for line in console if noise in line], noise
+    assert len(console) <= 30, "\n".join(console)
+    steps = [line for line in console if line.startswith("step ") and " loss " in line]
+    assert [line.split()[1] for line in steps] == [f"{n}/6" for n in range(1, 7)]
+    assert sum(" eval_loss " in line for line in console) == 2
+    assert any(line.startswith("warning: wandb: no API key") for line in console)  # a worker's warning reached us
+    assert "done: 6 steps" in result.stdout and f'from_pretrained("{tmp_path / "run" / "final"}")' in result.stdout

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 import uuid
 from collections import Counter
 from dataclasses import asdict
@@ -22,10 +23,11 @@ from typing import Any
 
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
 from sftcore.config import TrainConfig, parse_config, save_resolved_config
+from sftcore.console import Progress, configure_console_logging, quiet_libraries, summarize_run
 from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file
 from sftcore.dataset import DatasetSummary
 from sftcore.models import load_tokenizer
-from sftcore.runtime import TorchrunRuntime
+from sftcore.runtime import TorchrunRuntime, relay_events
 from sftcore.templates import load_chat_template, template_support
 from sftcore.tracking import plot_loss_curve
 
@@ -79,22 +81,55 @@ def check_output_dir(cfg: TrainConfig) -> Path:
 
 
 def init_ray(cfg: TrainConfig) -> None:
+    """Start or join Ray. Unless --verbose, the workers' and actors' output stays in Ray's log files
+    (the workers send what the user needs to the driver: sftcore.runtime.relay_events), and so do the
+    driver's own Ray and Ray Data lines below ERROR (ray-data.log, sftcore-driver.log)."""
     import ray
     import ray.data
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray Data's per-dataset progress bars drown the per-step training lines.
     runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    ray_loggers = [logging.getLogger("ray"), logging.getLogger("ray.data")]
+    if not cfg.verbose:
+        for handler in (h for ray_logger in ray_loggers for h in ray_logger.handlers):
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+                handler.setLevel(logging.ERROR)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.verbose)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env)
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=cfg.verbose)
+    log_dir = _ray_log_dir()
+    if not cfg.verbose and os.path.isdir(log_dir):
+        driver_log = logging.FileHandler(os.path.join(log_dir, "sftcore-driver.log"))
+        driver_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_loggers[0].addHandler(driver_log)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    # Rows in file order whatever actor finishes first: the same seed gives the same run, and a
+    # Rows in file order whatever task finishes first: the same seed gives the same run, and a
     # resumed run sees the data in the order the interrupted one did.
     context.execution_options.preserve_order = True
+    resources = ray.cluster_resources()
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    where = f"joined the cluster at {address}" if address else "started a local instance"
+    logger.info(
+        "ray: %s (%d node(s), %d CPUs, %d GPUs); its logs: %s",
+        where,
+        nodes,
+        resources.get("CPU", 0),
+        resources.get("GPU", 0),
+        log_dir,
+    )
+
+
+def _ray_log_dir() -> str:
+    """This node's Ray log folder (each node of a cluster has its own)."""
+    import ray
+
+    try:  # no public API names the session folder
+        return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs"
 
 
 def check_output_dir_is_shared(output_dir: Path) -> None:
@@ -240,24 +275,20 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
     }
 
 
-def finish(output_dir: Path, metrics: dict[str, Any] | None) -> None:
+def finish(output_dir: Path, started: float) -> None:
     curve = plot_loss_curve(str(output_dir))
-    final = output_dir / "final"
-    print(f"done: final model at {final}" + (f", loss curve at {curve}" if curve else ""))
-    if metrics and "eval_loss" in metrics:
-        print(f"final eval_loss {metrics['eval_loss']:.4f}")
+    print(summarize_run(output_dir, time.monotonic() - started, curve), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     cfg = parse_config(argv, description=__doc__)
     under_torchrun = TorchrunRuntime.launched()
     quiet = under_torchrun and os.environ["RANK"] != "0"  # one process speaks for all
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_console_logging(logging.WARNING if quiet else logging.INFO)
+    quiet_libraries(cfg.verbose)
     try:
-        return run_under_torchrun(cfg) if under_torchrun else run(cfg)
+        return run_under_torchrun(cfg, started) if under_torchrun else run(cfg, started)
     except (UsageError, DataError) as e:
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
@@ -292,14 +323,11 @@ def prepare(cfg: TrainConfig) -> Path:
     return output_dir
 
 
-def run(cfg: TrainConfig) -> int:
+def run(cfg: TrainConfig, started: float) -> int:
     """The driver under Ray: Ray Data prepares the sequences, Ray Train runs the loop on each worker."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from sftcore.dataset import build_datasets
-    from sftcore.loop import train_loop_per_worker
 
     output_dir = prepare(cfg)
     save_resolved_config(cfg, output_dir)
@@ -324,6 +352,28 @@ def run(cfg: TrainConfig) -> int:
     loop_config = account_for_data(cfg, summary, output_dir, speak=True)
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
     (output_dir / RAY_RUN_SNAPSHOT).unlink(missing_ok=True)
+    waiting_for = f"{cfg.num_workers} x {worker_resources}"
+    logger.info("training: %s, %d steps", waiting_for, loop_config["total_steps"])
+    with relay_events(Progress(loop_config["total_steps"]), waiting_for) as events:
+        fit(cfg, output_dir, loop_config | {"events": events}, datasets, use_gpu, worker_resources)
+    finish(output_dir, started)
+    return 0
+
+
+def fit(
+    cfg: TrainConfig,
+    output_dir: Path,
+    loop_config: dict[str, Any],
+    datasets: dict[str, Any],
+    use_gpu: bool,
+    worker_resources: dict[str, float],
+) -> None:
+    """Ray Train's TorchTrainer over the workers; a failure after any restarts is TrainingFailed."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sftcore.loop import train_loop_per_worker
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -344,15 +394,13 @@ def run(cfg: TrainConfig) -> int:
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as e:
         failures = getattr(e, "worker_failures", None) or {}
         raise TrainingFailed(training_failure_message(failures, output_dir, str(e).strip().splitlines()[-1])) from None
-    finish(output_dir, result.metrics)
-    return 0
 
 
-def run_under_torchrun(cfg: TrainConfig) -> int:
+def run_under_torchrun(cfg: TrainConfig, started: float) -> int:
     """One process of a torchrun / accelerate launch: every process reads and encodes its share of
     the lines, then runs the same per-worker loop as a Ray Train worker."""
     from sftcore.dataset import build_sequences
@@ -382,6 +430,8 @@ def run_under_torchrun(cfg: TrainConfig) -> int:
         )
         loop_config = account_for_data(cfg, summary, output_dir, speak=runtime.rank == 0)
         runtime.set_data(train, validation)
+        if runtime.rank == 0:
+            runtime.progress = Progress(loop_config["total_steps"])
         try:
             run_worker(loop_config, runtime)
         except (NonFiniteLossError, CheckpointWriteError) as e:
@@ -389,7 +439,7 @@ def run_under_torchrun(cfg: TrainConfig) -> int:
     finally:
         runtime.close()
     if runtime.rank == 0:
-        finish(output_dir, None)
+        finish(output_dir, started)
     return 0
 
 
