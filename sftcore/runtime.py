@@ -116,10 +116,14 @@ def relay_events(progress: Progress, waiting_for: str) -> Iterator[Any]:
     """A Ray queue for rank 0's events (yielded: it goes to the workers in the loop config), shown by
     ``progress`` from a driver thread until the block ends. If no event comes for a while, one line
     says what the workers may be waiting for."""
+    import ray
     from ray.exceptions import RayError
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a queue on a worker node would go down with it, and the display with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     done = threading.Event()
 
     def follow() -> None:
