@@ -8,7 +8,6 @@ under torchrun it runs in rank 0 itself. An event is a metrics row (a training s
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from sftcore.tracking import METRICS_FILE
+from sftcore.tracking import read_metrics
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -110,10 +109,7 @@ class Progress:
 def summarize_run(output_dir: Path, wall_seconds: float, curve: str | None) -> str:
     """The end of a run in a few lines: steps, time, tokens trained, best evaluation, where the model is
     and how to load it (from metrics.jsonl, which holds every step of the run once, across resumes)."""
-    rows = []
-    metrics = output_dir / METRICS_FILE
-    if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(output_dir)
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     final = output_dir / "final"

@@ -93,17 +93,24 @@ class MetricsLogger:
             self.run.finish()
 
 
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of OUTPUT_DIR/metrics.jsonl (none if it is not there)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def plot_loss_curve(output_dir: str) -> Path | None:
     """loss and eval_loss against step, from metrics.jsonl, as OUTPUT_DIR/loss_curve.png."""
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
+    rows = read_metrics(output_dir)
+    if not rows:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "eval_loss"):
         points = [(r["step"], r[key]) for r in rows if key in r]
