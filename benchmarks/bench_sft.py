@@ -61,15 +61,30 @@ def load_rows(path: Path, tokenizer, max_length: int, limit: int) -> list[tuple[
     return rows
 
 
-def build_model(args, device: torch.device):
+def build_model(args, device: torch.device, trainer: str):
+    """--model's architecture (default: SmolLM2-135M cut to --layers), random init, seeded. sftcore
+    gets the attention its --attn_implementation auto picks (packed, no mask); TRL flash-attn's
+    varlen kernel where installed, else sdpa (what it uses then)."""
+    import importlib.util
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sftcore.attention import resolve_attention
     from sftcore.models import resolve_model_path
 
-    config = AutoConfig.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    config.num_hidden_layers = args.layers
+    config = AutoConfig.from_pretrained(args.model or resolve_model_path("smollm2-135m-instruct"))
+    if args.model is None:
+        config.num_hidden_layers = args.layers
+    if trainer == "sftcore":
+        attention = resolve_attention("auto", config, args.max_length)
+    else:
+        has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        attention = "flash_attention_2" if has_flash else "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(device)
+    if args.gradient_checkpointing and trainer == "sftcore":  # TRL turns it on through SFTConfig
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def padded_batch_size(args, rows) -> int:
@@ -111,7 +126,7 @@ def run_sftcore(args, rows, device, packing: bool) -> dict:
     preprocess_s = time.perf_counter() - start
     preprocess_tokens = sum(len(ids) for ids in columns["input_ids"])
 
-    model = TrainedTokenLoss(build_model(args, device)).train()
+    model = TrainedTokenLoss(build_model(args, device, "sftcore")).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -191,9 +206,11 @@ def run_trl(args, rows, device, packing: bool) -> dict:
             use_cpu=device.type == "cpu",
             bf16=device.type == "cuda",
             dataloader_num_workers=0,
+            gradient_checkpointing=args.gradient_checkpointing,
+            use_liger_kernel=args.liger,
             seed=0,
         )
-        model = build_model(args, device)
+        model = build_model(args, device, "trl")
         start = time.perf_counter()
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
         preprocess_s = time.perf_counter() - start
@@ -256,6 +273,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--rows", type=int, default=200, help="at most this many rows per file")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the SmolLM2-135M architecture")
+    parser.add_argument("--model", help="an HF model directory whose architecture to use instead (random init)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="both trainers")
+    parser.add_argument("--liger", action="store_true", help="TRL's use_liger_kernel")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
@@ -272,6 +292,8 @@ def main() -> None:
                 command = [sys.executable, __file__, "--config", config, "--data", str(data)]
                 for flag in ("max_length", "batch_size", "steps", "rows", "layers", "threads"):
                     command += [f"--{flag}", str(getattr(args, flag))]
+                command += ["--model", args.model] if args.model else []
+                command += [f"--{flag}" for flag in ("gradient_checkpointing", "liger") if getattr(args, flag)]
                 out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
                 line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:

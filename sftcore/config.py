@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from sftcore.attention import ATTENTION_CHOICES
 from sftcore.data import TRAIN_ON
 from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
 
@@ -31,7 +32,9 @@ class TrainConfig:
     use_lora: bool = _opt(False, "train a LoRA adapter instead of all weights")
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(32, "LoRA alpha")
-    lora_dropout: float = _opt(0.05, "LoRA dropout")
+    lora_dropout: float = _opt(
+        0.0, "LoRA dropout on each adapted layer's input (0 skips the dropped-out copy of every such input)"
+    )
     lora_target_modules: str = _opt("all-linear", "comma-separated module names, or 'all-linear'")
     num_epochs: int = _opt(3, "passes over the training split (ignored when --max_steps is set)")
     max_steps: int | None = _opt(None, "total optimizer steps; overrides --num_epochs")
@@ -72,12 +75,18 @@ class TrainConfig:
         True, "pack whole samples into sequences of --max_seq_length tokens (samples never attend to each other)"
     )
     attn_implementation: str = _opt(
-        "sdpa",
-        "attention kernel; packing masks rows apart with each (flash_attention_2 needs flash-attn installed)",
-        ("sdpa", "eager", "flash_attention_2"),
+        "auto",
+        "attention kernel. packed_sdpa: causal sdpa over each sample, no mask (memory grows with the sample, not "
+        "the pack squared); packed_varlen: the same in one call of torch's varlen flash kernel (CUDA, torch >= 2.10); "
+        "sdpa / eager: transformers' own, with a block mask for packs; flash_attention_2 needs flash-attn. auto: on "
+        "CUDA flash_attention_2 when installed, else packed_varlen; elsewhere packed_sdpa (sdpa for models with "
+        "soft-capped or sliding-window attention)",
+        ATTENTION_CHOICES,
     )
-    gradient_checkpointing: bool = _opt(
-        False, "recompute activations in backward: less memory, about a third more compute"
+    gradient_checkpointing: bool | None = _opt(
+        None,
+        "recompute activations in backward: less memory, about a third more compute (default: on when training on "
+        "CPU, where memory runs out first; off on GPUs)",
     )
     torch_compile: bool = _opt(False, "torch.compile the model (GPU; the first steps are slow while it compiles)")
     learning_rate: float = _opt(2e-4, "peak learning rate (AdamW)")
@@ -90,6 +99,12 @@ class TrainConfig:
     save_total_limit: int = _opt(3, "keep the newest N checkpoint-{step} directories (at least 1)")
     eval_steps: int | None = _opt(None, "evaluate every N steps (default: --save_steps); always at the end")
     logging_steps: int = _opt(1, "log training metrics every N steps")
+    eval_generate_rows: int = _opt(
+        0,
+        "at each evaluation, also generate each assistant turn of N validation rows and score the next action "
+        "(tool name, arguments, answer: workflows/evaluate.py's metrics, as eval_*)",
+    )
+    eval_max_new_tokens: int = _opt(256, "longest generation per turn for --eval_generate_rows")
     resume: str = _opt(
         "auto",
         "auto: continue from the newest checkpoint in output_dir; never: refuse a non-empty output_dir",
@@ -159,6 +174,13 @@ class TrainConfig:
                 "--strategy fsdp shards full fine-tuning; a LoRA adapter is small, so train it with --strategy ddp "
                 "(or drop --use_lora)"
             )
+        if self.eval_generate_rows and self.strategy == "fsdp":
+            raise ValueError(
+                "--eval_generate_rows generates on each worker's own copy of the model, which --strategy fsdp "
+                "does not have; use --strategy ddp, or evaluate final/ with workflows/evaluate.py"
+            )
+        if self.eval_generate_rows < 0:
+            raise ValueError(f"--eval_generate_rows must be 0 or more, got {self.eval_generate_rows}")
         if self.gpus_per_worker < 1:
             raise ValueError(f"--gpus_per_worker must be at least 1, got {self.gpus_per_worker}")
         if not 0 <= self.validation_split < 1:
@@ -274,11 +296,9 @@ def add_config_arguments(
         default = defaults.get(f.name, f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
         kind = str(f.type)
-        if kind == "bool":
+        if "bool" in kind:
             # `--use_lora` alone means true; `--use_lora false` is accepted too.
             kwargs.update(nargs="?", const=True, type=_parse_bool)
-        elif "bool" in kind:
-            kwargs.update(type=_parse_bool)
         elif "int" in kind:
             kwargs["type"] = int
         elif "float" in kind:

@@ -49,14 +49,29 @@ def format_duration(seconds: float) -> str:
 
 
 def step_text(row: dict[str, Any]) -> str:
-    return f"loss {row['loss']:.4f} lr {row['learning_rate']:.2e} tok/s {row['tokens_per_second']:.0f}"
+    text = f"loss {row['loss']:.4f} lr {row['learning_rate']:.2e} tok/s {row['tokens_per_second']:.0f}"
+    if "mfu" in row:
+        text += f" mfu {row['mfu']:.1%}"
+    if "peak_memory_gb" in row:
+        text += f" mem {row['peak_memory_gb']:.1f}G"
+    if row.get("step_seconds"):
+        text += f" data-wait {row['data_wait_seconds'] / row['step_seconds']:.0%}"
+    return text
 
 
 def eval_text(row: dict[str, Any]) -> str:
-    return (
+    text = (
         f"step {row['step']} eval_loss {row['eval_loss']:.4f} ppl {row['eval_perplexity']:.2f} "
         f"acc {row['eval_token_accuracy']:.3f}"
     )
+    if "eval_turns" in row:  # --eval_generate_rows
+        scores = [
+            f"{label} {row[key]:.2f}"
+            for label, key in (("tool-name", "eval_tool_name_accuracy"), ("args-exact", "eval_arguments_exact_match"))
+            if key in row
+        ]
+        text += f" | next action on {row['eval_turns']} turns: " + (", ".join(scores) or "no tool calls")
+    return text
 
 
 class Progress:

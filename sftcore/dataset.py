@@ -11,7 +11,7 @@ import functools
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class DatasetSummary(LineCounts):
     train_tokens: int = 0
     train_trained_tokens: int = 0
     train_sequences: int = 0  # what a worker iterates over: packs, or samples without packing
+    validation_lines: list[int] = field(default_factory=list)  # line numbers of the validation rows
     packing_efficiency: float | None = None  # real tokens / (packs x max_seq_length)
 
 
@@ -146,6 +147,7 @@ def _account(summary: DatasetSummary, status: list[dict[str, Any]], validation_s
     summary.rejected.sort(key=lambda r: r["line"])
     good = sorted((row for row in status if not row["error_reason"]), key=lambda row: row["line"])
     validation_lines = _split_lines([int(row["line"]) for row in good], validation_split, seed)
+    summary.validation_lines = sorted(validation_lines)
     for row in good:
         summary.add_row(int(row["line"]), row | {"omissions": json.loads(row["omissions"])})
         if row["line"] in validation_lines:

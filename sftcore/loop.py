@@ -5,7 +5,8 @@ Features and limits, plainly:
 - Full fine-tuning or LoRA (peft, all linear layers by default); DDP (gloo on CPU, NCCL on GPU), or
   FSDP2 for full fine-tuning (--strategy fsdp: sharded weights, gradients, optimizer state and
   checkpoints; final/ is consolidated into one HF model).
-- fp32 weights; on GPUs that support it, bf16 autocast.
+- fp32 weights; on GPUs that support it, bf16 autocast (LoRA: frozen base weights in bf16 there).
+- Packs reach the attention as sample boundaries, never as a mask (sftcore.attention).
 - AdamW, linear warmup then cosine/linear/constant, gradient clipping, gradient accumulation.
 - The loss of a step is the mean over every trained token of the global batch (all micro-batches,
   all workers), so 2 workers x batch 2 train exactly like 1 worker x batch 4.
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from sftcore.attention import READS_BOUNDARIES, resolve_attention, segment_boundaries
 from sftcore.checkpoint import (
     ADAPTER_DIR,
     TrainerState,
@@ -47,6 +49,7 @@ from sftcore.checkpoint import (
     write_manifest,
 )
 from sftcore.config import TrainConfig
+from sftcore.evaluation import evaluate_turns, hf_generator, row_turns, summarize, tool_call_syntax
 from sftcore.masking import IGNORE_INDEX
 from sftcore.models import load_tokenizer, resolve_model_path
 from sftcore.parallel import (
@@ -58,9 +61,11 @@ from sftcore.parallel import (
     gradient_sync,
     load_sharded_state,
     save_sharded_state,
+    sum_over_workers,
     wrap_model,
 )
 from sftcore.runtime import RayRuntime, WorkerRuntime, checkpoint_to_resume
+from sftcore.throughput import flops_per_token, peak_flops, peak_memory_gb, reset_peak_memory
 from sftcore.tracking import MetricsLogger, stable_run_id
 
 logger = logging.getLogger(__name__)
@@ -77,30 +82,49 @@ class CheckpointWriteError(OSError):
 LOSS_CHUNK_TOKENS = 1024  # trained positions per LM-head chunk: bounds the logits held at once
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, Any]:
     """Right-pad a micro-batch of rows, or of packs, into [batch, longest] tensors.
 
-    Rows get an attention mask. Packs get position ids instead (restarting at 0 for each row inside,
-    and for the padding tail), from which transformers builds a block-diagonal causal mask."""
+    The counts (num_tokens, num_trained) and the flat positions of the trained targets
+    (trained_index, over [batch, longest - 1]) come from the host arrays, so that neither the loop
+    nor the loss has to read anything back from the GPU to know them.
+
+    Rows get an attention mask. Packs get position ids instead (restarting at 0 for each sample
+    inside, and for the padding tail), from which transformers' own attention implementations build
+    a block-diagonal causal mask. Both get the sample boundaries (sftcore.attention), with which
+    packed_sdpa and flash_attention_2 need no mask at all."""
     packed = "position_ids" in batch
     lengths = [len(ids) for ids in batch["input_ids"]]
     width = max(lengths)
     input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
     labels = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
     mask_or_positions = torch.zeros((len(lengths), width), dtype=torch.long)
+    segments, trained = [], []
     for i, (ids, lab) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
+        trained.append(i * (width - 1) + np.flatnonzero(np.asarray(lab[1:]) != IGNORE_INDEX))
         input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
         if packed:
-            mask_or_positions[i, : len(ids)] = torch.as_tensor(batch["position_ids"][i], dtype=torch.long)
+            positions = np.asarray(batch["position_ids"][i])
+            mask_or_positions[i, : len(ids)] = torch.as_tensor(positions, dtype=torch.long)
             mask_or_positions[i, len(ids) :] = torch.arange(width - len(ids))
+            segments.append(np.diff([*np.flatnonzero(positions == 0), len(ids)]).tolist())
         else:
             mask_or_positions[i, : len(ids)] = 1
+            segments.append([len(ids)])
+    bounds, longest = segment_boundaries(segments, width)
+    bounds = bounds.to(device)
     return {
         "input_ids": input_ids.to(device),
         "labels": labels.to(device),
         ("position_ids" if packed else "attention_mask"): mask_or_positions.to(device),
-        "num_tokens": torch.tensor(sum(lengths), device=device),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "trained_index": torch.as_tensor(np.concatenate(trained), dtype=torch.long).to(device),
+        "num_tokens": sum(lengths),
+        "num_trained": sum(len(t) for t in trained),
     }
 
 
@@ -130,6 +154,7 @@ class TrainedTokenLoss(torch.nn.Module):
         )
         self.decoder = None if self.full_logits else causal_lm.get_decoder()
         self.head = causal_lm.get_output_embeddings()
+        self.reads_boundaries = config._attn_implementation in READS_BOUNDARIES
 
     def forward(
         self,
@@ -137,17 +162,27 @@ class TrainedTokenLoss(torch.nn.Module):
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        trained_index: torch.Tensor | None = None,
+        **boundaries: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``trained_index``: flat positions of the trained targets (collate; found here when absent,
+        which waits for the GPU). ``boundaries``: the samples' cumulative lengths, for the attention."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        targets = labels[:, 1:]
-        trained = targets != IGNORE_INDEX
+        if self.reads_boundaries:
+            inputs |= boundaries
+        flat_targets = labels[:, 1:].flatten()
+        if trained_index is None:
+            trained_index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat_targets.index_select(0, trained_index)
         if self.full_logits:
-            logits = self.model(**inputs, use_cache=False).logits[:, :-1][trained].float()
-            loss_sum = F.cross_entropy(logits, targets[trained], reduction="sum")
-            return loss_sum, (logits.argmax(-1) == targets[trained]).sum()
-        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][trained]
+            logits = self.model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
+            logits = logits.index_select(0, trained_index).float()
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+            return loss_sum, (logits.argmax(-1) == targets).sum()
+        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+        hidden = hidden.index_select(0, trained_index)
         loss_sum = correct = torch.zeros((), device=input_ids.device)
-        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets[trained].split(LOSS_CHUNK_TOKENS), strict=True):
+        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS), strict=True):
             chunk_loss, chunk_correct = torch.utils.checkpoint.checkpoint(
                 _chunk_loss, self.head, h, t, use_reentrant=False
             )
@@ -155,29 +190,42 @@ class TrainedTokenLoss(torch.nn.Module):
         return loss_sum, correct
 
 
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+BATCH_COUNTS = ("num_tokens", "num_trained")  # collate's host-side counts: not model inputs
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What TrainedTokenLoss takes from a collated batch."""
+    return {k: v for k, v in batch.items() if k not in BATCH_COUNTS}
+
+
+def token_losses(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over trained positions, number of correct argmax predictions)."""
-    return model(**{k: v for k, v in batch.items() if k != "num_tokens"})
+    return model(**model_inputs(batch))
 
 
-def trained_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-
-
-def build_model(cfg: TrainConfig, resume_dir: Path | None) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, resume_dir: Path | None, device: torch.device) -> torch.nn.Module:
     """The model to train; from resume_dir's weights when they are there in HF form (DDP full
-    fine-tuning; FSDP loads its shards after sharding, LoRA its adapter on top of the base model)."""
-    from transformers import AutoModelForCausalLM
+    fine-tuning; FSDP loads its shards after sharding, LoRA its adapter on top of the base model).
+
+    Trained weights are fp32 (bf16 autocast computes on GPU). LoRA's frozen base weights are bf16 on
+    a GPU with bf16: autocast would cast them to bf16 for every matmul of every step anyway, so
+    holding them in bf16 halves their memory and removes those casts; peft keeps the adapters fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     weights_in_checkpoint = resume_dir is not None and not cfg.use_lora and cfg.strategy == "ddp"
     source = resume_dir if weights_in_checkpoint else resolve_model_path(cfg.model_name_or_path)
+    bf16_base = cfg.use_lora and device.type == "cuda" and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(
         source,
-        dtype=torch.float32,
-        attn_implementation=cfg.attn_implementation,
+        dtype=torch.bfloat16 if bf16_base else torch.float32,
+        attn_implementation=resolve_attention(
+            cfg.attn_implementation,
+            AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
+            cfg.max_seq_length,
+        ),
         trust_remote_code=cfg.trust_remote_code,
     )
-    if cfg.gradient_checkpointing:
+    if uses_gradient_checkpointing(cfg, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.use_lora:
         return model
@@ -196,6 +244,13 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def uses_gradient_checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
+    """--gradient_checkpointing, by default on for CPU training: there memory, not compute, is what
+    runs out (SmolLM2-135M at 2 packs of 4,096 tokens keeps ~14 GB of activations without it, ~0.6 GB
+    with it), while a GPU run would rather spend the memory than a third more compute."""
+    return cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device.type == "cpu"
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     from transformers import get_scheduler
 
@@ -212,6 +267,7 @@ class Trainer:
         self.total_steps: int = loop_config["total_steps"]
         self.steps_per_epoch: int = loop_config["steps_per_epoch"]
         self.evaluates: bool = loop_config["has_validation"]
+        self.generation_rows: list[tuple[int, dict]] = loop_config.get("generation_rows", [])
         self.runtime = runtime
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
         self.output_dir = Path(self.cfg.output_dir)
@@ -232,11 +288,12 @@ class Trainer:
 
         self.consecutive_bad_steps = 0
         with checkpoint_to_resume(self.runtime, self.output_dir, cfg.resume) as resume_dir:
-            self.lm = build_model(cfg, resume_dir)
+            self.lm = build_model(cfg, resume_dir, self.device)
             self.model = wrap_model(TrainedTokenLoss(self.lm), self.lm, cfg.strategy, self.device)
             if cfg.torch_compile:  # packs vary in length: dynamic shapes, not one graph per length
                 self.model = torch.compile(self.model, dynamic=True)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.flops_per_token, self.peak_flops = flops_per_token(self.lm), peak_flops(self.device)
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
             if resume_dir is not None:
@@ -253,17 +310,30 @@ class Trainer:
                 if self.rank == 0:
                     logger.warning("resumed from %s at step %d", resume_dir, saved.step)
 
+        # --eval_generate_rows: the validation rows' turns as next-action prompts (sftcore.evaluation)
+        self.generation_turns = [
+            turn
+            for line, row in self.generation_rows
+            for turn in row_turns(row, line, self.tokenizer, cfg.encode_options()).turns
+        ]
+        self.syntax = tool_call_syntax(self.tokenizer) if self.generation_turns else None
+
         self.metrics = (
             MetricsLogger(cfg.output_dir, self.state.step, cfg.report_to, cfg.wandb_project, cfg.__dict__)
             if self.rank == 0
             else None
         )
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], data_wait: float = 0.0) -> dict[str, float]:
+        """One optimizer step; data_wait: seconds spent getting and collating its micro-batches."""
         start = time.perf_counter()
+        reset_peak_memory(self.device)
         self.model.train()
-        local_trained = sum(trained_token_count(b) for b in micro_batches)
-        (global_trained,) = all_reduce_sum([local_trained], self.device)
+        # The step reads from the GPU once, after backward (loss and gradient norm together); the
+        # token counts come from the host (collate), and on one worker need no collective at all.
+        local_trained = sum(b["num_trained"] for b in micro_batches)
+        local_tokens = sum(b["num_tokens"] for b in micro_batches)
+        global_trained, tokens = all_reduce_sum([local_trained, local_tokens], self.device)
         # DDP averages gradients over workers; scaling by world size makes the update the gradient of
         # (sum of token losses over the global batch) / (trained tokens in the global batch).
         scale = self.world / max(global_trained, 1.0)
@@ -273,9 +343,8 @@ class Trainer:
                 batch_loss, _ = token_losses(self.model, batch)
                 (batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
-        grad_norm = clip_gradients(self.params, self.cfg.max_grad_norm)
-        local_tokens = sum(b["num_tokens"] for b in micro_batches)
-        total_loss, tokens = all_reduce_sum([loss_sum, local_tokens], self.device)
+        norm = clip_gradients(self.params, self.cfg.max_grad_norm)
+        total_loss, grad_norm = torch.stack([sum_over_workers(loss_sum).double(), norm.double()]).tolist()
         lr = self.scheduler.get_last_lr()[0]
         # Both numbers are global (gradients are all-reduced), so every rank takes the same branch.
         finite = math.isfinite(grad_norm) and math.isfinite(total_loss)
@@ -288,8 +357,8 @@ class Trainer:
             self._check_bad_steps()
         self.scheduler.step()  # the schedule follows the step count (and the data), skipped or not
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        return {
+        elapsed = time.perf_counter() - start + data_wait
+        row = {
             "loss": total_loss / max(global_trained, 1.0),
             "learning_rate": lr,
             "grad_norm": grad_norm,
@@ -297,7 +366,13 @@ class Trainer:
             "trained_tokens_per_second": global_trained / elapsed,
             "trained_tokens": int(global_trained),
             "skipped_steps": self.state.skipped_steps,
+            "step_seconds": elapsed,
+            "data_wait_seconds": data_wait,
+            "peak_memory_gb": peak_memory_gb(self.device),  # rank 0's
         }
+        if self.peak_flops is not None:
+            row["mfu"] = self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world)
+        return row
 
     def _check_bad_steps(self) -> None:
         step = self.state.step + 1
@@ -331,14 +406,25 @@ class Trainer:
                 batch_loss, batch_correct = token_losses(self.model, batch)
             if counted:
                 loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
-                count = count + trained_token_count(batch)
+                count = count + batch["num_trained"]
         loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], self.device)
         eval_loss = loss_sum / max(count, 1.0)
-        return {
+        metrics = {
             "eval_loss": eval_loss,
             "eval_perplexity": math.exp(min(eval_loss, 50.0)),
             "eval_token_accuracy": correct / max(count, 1.0),
         }
+        return metrics | (self.next_action_metrics() if self.generation_turns else {})
+
+    def next_action_metrics(self) -> dict[str, float]:
+        """workflows/evaluate.py's metrics on the --eval_generate_rows turns, each worker generating its
+        share with its own copy of the model (greedy, KV cache), as eval_<metric>."""
+        generate = hf_generator(self.lm, self.tokenizer, self.syntax, self.cfg.eval_max_new_tokens, batch_tokens=16384)
+        mine = self.generation_turns[self.rank :: self.world]
+        with self.autocast:
+            records = evaluate_turns(mine, generate, self.syntax, self.tokenizer)
+        report = summarize([r for part in gather_objects(records) for r in part])
+        return {f"eval_{k}": v for k, v in report.items() if k != "per_tool" and v is not None}
 
     def _write_checkpoint(self, directory: Path, final: bool) -> bool:
         """This worker's files of the checkpoint (False: it has none). Under FSDP every worker writes
@@ -402,11 +488,12 @@ class Trainer:
             for _ in range(state.step_in_epoch * accum):  # resume mid-epoch: skip what was trained
                 next(batches)
             while state.step < self.total_steps and state.step_in_epoch < self.steps_per_epoch:
+                waited = time.perf_counter()
                 try:
                     micro = [collate(next(batches), self.pad_id, self.device) for _ in range(accum)]
                 except StopIteration:
                     break
-                row = self.train_step(micro)
+                row = self.train_step(micro, data_wait=time.perf_counter() - waited)
                 state.step += 1
                 state.step_in_epoch += 1
                 row = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / self.steps_per_epoch, **row}

@@ -69,6 +69,7 @@ class Sample:
     turns: list[int]  # trained turns, as ordinals among the row's trained turns (0-based)
     history: str  # FULL_HISTORY, WINDOW (recent history that fits) or WINDOW_NO_SYSTEM
     reasoning: list[tuple[int, int]] = field(default_factory=list)  # [first, last) token ranges of trained reasoning
+    spans: list[tuple[int, int]] = field(default_factory=list)  # [first, last) tokens of each turn, as in turns
 
 
 @dataclass
@@ -204,7 +205,12 @@ def _sample(tokens: _Tokenized, run: list[Turn], tc: TemplateConversation, histo
             begin = len(turn.context) + at
             reasoning.append(tokens.span(begin, begin + len(shown)))
     return Sample(
-        input_ids=tokens.ids[:end], labels=labels, turns=[t.ordinal for t in run], history=history, reasoning=reasoning
+        input_ids=tokens.ids[:end],
+        labels=labels,
+        turns=[t.ordinal for t in run],
+        history=history,
+        reasoning=reasoning,
+        spans=spans,
     )
 
 

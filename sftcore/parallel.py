@@ -60,9 +60,10 @@ def _full(value: Any) -> Any:
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global gradient norm before clipping (over every shard under FSDP)."""
-    return float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))))
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global gradient norm before clipping (over every shard under FSDP), left on the device:
+    clipping itself does not wait for the GPU, reading the norm does."""
+    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
 
 
 def all_finite(params: list[torch.nn.Parameter]) -> bool:
@@ -75,7 +76,17 @@ def all_finite(params: list[torch.nn.Parameter]) -> bool:
     return bad == 0
 
 
+def sum_over_workers(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over workers, on the device (nothing is read back)."""
+    if distributed():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def all_reduce_sum(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    if not distributed() and not any(isinstance(v, torch.Tensor) for v in values):
+        return [float(v) for v in values]  # host numbers on one worker: nothing to send or wait for
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if distributed():
         dist.all_reduce(tensor)

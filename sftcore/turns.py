@@ -67,10 +67,11 @@ def _prefilled_think(before: str, through: str) -> int | None:
 
 def _realigned(before: str, through: str) -> int | None:
     """Where the turn starts in ``through`` when adding it changes the context just before it: Mistral
-    places the system prompt in the last user message only while that message is last; gpt-oss shows an
-    earlier tool call's analysis only until a final answer follows; Hermes ends a last tool result
-    differently. The turn starts after the longest tail of ``before`` found in ``through`` past their
-    common beginning; that tail must hold the context's end (at least 16 characters of it)."""
+        places the system prompt in the last user message only while that message is last; gpt-oss shows an
+        earlier tool call's analysis only until a final answer follows; Hermes ends a last tool result
+        differently. The turn starts after the longest tail of ``before`` found in ``through`` past their
+        common beginning; that tail must hold the context's end (at least 16 characters of it, unless it
+    follows the common beginning directly)."""
     common = len(os.path.commonprefix([before, through]))
     low, high = common, len(before)  # smallest k such that before[k:] occurs in through[common:]
     while low < high:
@@ -81,8 +82,14 @@ def _realigned(before: str, through: str) -> int | None:
             low = middle + 1
     tail = before[low:]
     if len(tail) < min(len(before) - common, 16):
-        return None
-    start = through.find(tail, common) + len(tail)
+        # A short tail still marks the turn's start where adding the turn only cut a block out of the
+        # context and the rest follows the common beginning verbatim (Mistral's system prompt leaving a
+        # short last user message: "[INST]ok[/INST]"); elsewhere it may be a chance match.
+        if not tail or not through.startswith(tail, common):
+            return None
+        start = common + len(tail)
+    else:
+        start = through.find(tail, common) + len(tail)
     return start if start < len(through) else None
 
 

@@ -31,6 +31,14 @@ def test_without_a_terminal_each_step_is_one_line_with_an_eta_after_the_first():
     assert lines[2:] == ["step 2 eval_loss 1.2500 ppl 3.49 acc 0.700", "warning: something the user must know"]
 
 
+def test_a_step_shows_mfu_peak_memory_and_the_share_of_time_spent_waiting_for_data_when_measured():
+    out = io.StringIO()
+    progress = Progress(total_steps=4, stream=out)
+    measured = {"mfu": 0.3512, "peak_memory_gb": 41.63, "step_seconds": 0.5, "data_wait_seconds": 0.01}
+    progress.show(step_row(1) | measured)
+    assert out.getvalue() == "step 1/4 loss 1.5000 lr 2.00e-04 tok/s 1234 mfu 35.1% mem 41.6G data-wait 2%\n"
+
+
 def test_on_a_terminal_steps_move_one_bar_and_other_lines_print_above_it():
     out = Terminal()
     progress = Progress(total_steps=10, stream=out)

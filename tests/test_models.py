@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sftcore.config import TrainConfig
 from sftcore.loop import build_model
@@ -19,5 +20,5 @@ def test_remote_code_in_a_model_directory_is_refused_by_default(tmp_path):
     cfg = TrainConfig(data_path="unused.jsonl", model_name_or_path=str(tmp_path))
     assert cfg.trust_remote_code is False
     with pytest.raises(ValueError, match="trust_remote_code"):
-        build_model(cfg, resume_dir=None)
+        build_model(cfg, resume_dir=None, device=torch.device("cpu"))
     assert not marker.exists()

@@ -1,5 +1,6 @@
 """Packing changes no loss: rows packed together score exactly as they do alone (block-diagonal
-attention from position ids), and the trained-positions-only loss equals the full-logits loss."""
+attention from position ids, or packed_sdpa over each sample without a mask), and the
+trained-positions-only loss equals the full-logits loss."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from conftest import REAL_DATA_FILES, real_rows, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 import sftcore.loop
-from sftcore.loop import TrainedTokenLoss, collate
+from sftcore.config import TrainConfig
+from sftcore.loop import TrainedTokenLoss, collate, model_inputs
 from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_row
 from sftcore.packing import best_fit_decreasing, pack_rows
 
@@ -51,14 +53,14 @@ def test_packs_hold_every_row_once_with_restarting_positions_and_masked_row_star
         assert len(ids) == len(labels) == len(positions)
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["packed_sdpa", "sdpa", "eager"])
 def model(request, tmp_path_factory, smollm2_tokenizer):
     path = save_tiny_model(tmp_path_factory.mktemp("m"), smollm2_tokenizer)
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=request.param, dtype=torch.float32).eval()
 
 
 def per_position_losses(model, batch) -> torch.Tensor:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: v for k, v in model_inputs(batch).items() if k not in ("labels", "trained_index")}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
@@ -93,6 +95,10 @@ def test_trained_positions_loss_and_gradients_equal_the_full_logits_ones(model, 
     monkeypatch.setattr(sftcore.loop, "LOSS_CHUNK_TOKENS", 37)  # many chunks, one ragged
     batch = collate(pack_rows(encoded_rows, budget=2048), 0, torch.device("cpu"))
     trained = batch["labels"][:, 1:] != IGNORE_INDEX
+    # collate's host-side counts and trained positions are the labels' own
+    assert batch["num_trained"] == int(trained.sum())
+    assert batch["trained_index"].tolist() == trained.flatten().nonzero().flatten().tolist()
+    assert batch["num_tokens"] == sum(len(ids) for ids in encoded_rows["input_ids"])
 
     model.zero_grad()
     expected = per_position_losses(model, batch)[trained].sum()
@@ -100,9 +106,11 @@ def test_trained_positions_loss_and_gradients_equal_the_full_logits_ones(model, 
     expected_grads = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    loss_sum, correct = TrainedTokenLoss(model)(**{k: v for k, v in batch.items() if k != "num_tokens"})
+    loss_sum, correct = TrainedTokenLoss(model)(**model_inputs(batch))
     loss_sum.backward()
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-4)
+    without_index = {k: v for k, v in model_inputs(batch).items() if k != "trained_index"}
+    torch.testing.assert_close(TrainedTokenLoss(model)(**without_index)[0], loss_sum)
     for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert 0 <= int(correct) <= int(trained.sum())
@@ -111,7 +119,7 @@ def test_trained_positions_loss_and_gradients_equal_the_full_logits_ones(model, 
 def test_gradient_checkpointing_changes_no_loss_or_gradient(tmp_path, smollm2_tokenizer, encoded_rows):
     model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, smollm2_tokenizer)).train()
     batch = collate(pack_rows(encoded_rows, budget=2048), 0, torch.device("cpu"))
-    inputs = {k: v for k, v in batch.items() if k != "num_tokens"}
+    inputs = model_inputs(batch)
     results = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -123,3 +131,100 @@ def test_gradient_checkpointing_changes_no_loss_or_gradient(tmp_path, smollm2_to
     torch.testing.assert_close(results[0][0], results[1][0])
     for plain, recomputed in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(plain, recomputed)
+
+
+def test_packed_sdpa_builds_no_mask_and_gives_transformers_sdpa_losses_and_gradients(
+    tmp_path, smollm2_tokenizer, encoded_rows, monkeypatch
+):
+    """The independent reference is transformers' sdpa with its block-diagonal mask from position ids,
+    on the same packs (a GQA model: 4 query heads, 2 key/value heads), rows padded in one batch too."""
+    import sftcore.attention
+
+    path = save_tiny_model(tmp_path, smollm2_tokenizer)
+    masks_seen = []
+    original = sftcore.attention.packed_sdpa
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks_seen.append(attention_mask)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    sftcore.attention.AttentionInterface.register("packed_sdpa_spy", spy)
+    monkeypatch.setattr(sftcore.loop, "READS_BOUNDARIES", ("packed_sdpa_spy",))
+    packs = collate(pack_rows(encoded_rows, budget=2048), 0, torch.device("cpu"))
+    rows = collate({k: encoded_rows[k][:4] for k in ("input_ids", "labels")}, 0, torch.device("cpu"))
+    for batch in (packs, rows):
+        results = []
+        for implementation in ("sdpa", "packed_sdpa_spy"):
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=implementation).train()
+            loss_sum, _ = TrainedTokenLoss(model)(**model_inputs(batch))
+            loss_sum.backward()
+            results.append((loss_sum.detach(), [p.grad for p in model.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
+        for got, want in zip(results[1][1], results[0][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert masks_seen and all(mask is None for mask in masks_seen)
+
+
+def test_auto_attention_keeps_transformers_sdpa_where_packed_sdpa_would_compute_something_else():
+    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
+
+    from sftcore.attention import resolve_attention
+
+    assert resolve_attention("auto", LlamaConfig(), 4096) == "packed_sdpa"  # no CUDA here
+    assert resolve_attention("auto", Qwen2Config(use_sliding_window=False, sliding_window=1024), 4096) == "packed_sdpa"
+    assert resolve_attention("auto", Qwen2Config(use_sliding_window=True, sliding_window=1024), 4096) == "sdpa"
+    assert resolve_attention("auto", Gemma2Config(), 4096) == "sdpa"  # soft-capped attention logits
+    assert resolve_attention("eager", Gemma2Config(), 4096) == "eager"
+
+
+def test_gradient_checkpointing_is_on_by_default_on_cpu_only_and_a_flag_overrides_it():
+    from sftcore.loop import uses_gradient_checkpointing
+
+    cfg = TrainConfig(data_path="x.jsonl")
+    assert uses_gradient_checkpointing(cfg, torch.device("cpu"))
+    assert not uses_gradient_checkpointing(cfg, torch.device("cuda"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not uses_gradient_checkpointing(TrainConfig(data_path="x", gradient_checkpointing=False), cpu)
+    assert uses_gradient_checkpointing(TrainConfig(data_path="x", gradient_checkpointing=True), cuda)
+
+
+def test_mfu_counts_six_flops_per_parameter_and_token_and_is_not_guessed_for_a_cpu(tmp_path, smollm2_tokenizer):
+    from sftcore.throughput import flops_per_token, peak_flops, peak_memory_gb
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, smollm2_tokenizer))
+    assert flops_per_token(model) == 6 * sum(p.numel() for p in model.parameters())
+    assert peak_flops(torch.device("cpu")) is None
+    assert 0.05 < peak_memory_gb(torch.device("cpu")) < 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash kernel and bf16 LoRA base need CUDA")
+def test_cuda_packed_varlen_gives_sdpa_losses_and_gradients_and_lora_keeps_a_bf16_base(
+    tmp_path, smollm2_tokenizer, encoded_rows
+):
+    """On the GPU machine: torch's varlen kernel over the packs' boundaries against transformers'
+    masked sdpa, both under bf16 autocast (bf16 tolerances); and a LoRA model's frozen weights bf16,
+    its adapters fp32."""
+    from sftcore.attention import PACKED_VARLEN, resolve_attention
+    from sftcore.loop import build_model
+
+    device = torch.device("cuda")
+    path = save_tiny_model(tmp_path, smollm2_tokenizer)
+    assert resolve_attention("auto", AutoModelForCausalLM.from_pretrained(path).config, 4096) in (
+        PACKED_VARLEN,
+        "flash_attention_2",
+    )
+    batch = collate(pack_rows(encoded_rows, budget=2048), 0, device)
+    results = []
+    for implementation in ("sdpa", PACKED_VARLEN):
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=implementation).to(device).train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_sum, _ = TrainedTokenLoss(model)(**model_inputs(batch))
+        loss_sum.backward()
+        results.append((loss_sum.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=1e-1)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+    lora = build_model(TrainConfig(data_path="x", model_name_or_path=path, use_lora=True), None, device)
+    dtypes = {(p.requires_grad, p.dtype) for p in lora.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}

@@ -286,6 +286,24 @@ def test_mistral_tool_call_ids_become_nine_characters_and_match_their_results():
     assert set(re.findall(r'"call_id": "([^"]+)"', text)) == set(ids)
 
 
+@pytest.mark.parametrize("user", ["ok", "Yes.", "Do it please."])
+def test_mistral_turns_after_a_short_user_message_train_only_what_the_assistant_writes(user):
+    """Mistral moves the system prompt out of a user message once a turn follows it; the turn is then
+    found after the re-rendered message's tail, however short that message is."""
+    tokenizer = official_tokenizer("mistral_nemo")
+    row = {
+        "input": json.dumps([{"role": "system", "content": "You are an agent."}, {"role": "user", "content": user}]),
+        "output": [{"role": "assistant", "content": "Sure, done."}, {"role": "user", "content": user}]
+        + [{"role": "assistant", "content": "Done again."}],
+    }
+    texts = [
+        tokenizer.decode(sample.input_ids[first:end])
+        for sample in encode_row(row, tokenizer).samples
+        for first, end in sample.spans
+    ]
+    assert texts == ["Sure, done.</s>", "Done again.</s>"]
+
+
 def test_history_rewrites_refuse_keeps_the_old_behaviour():
     tokenizer = official_tokenizer("qwen3")
     with pytest.raises(DataError) as info:

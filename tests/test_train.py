@@ -8,6 +8,9 @@ import pytest
 from conftest import COMMON, DATA, REPO, losses, train, write_rows
 from transformers import AutoTokenizer
 
+from sftcore.dataset import _split_lines
+from sftcore.tracking import read_metrics
+
 pytestmark = pytest.mark.slow
 
 
@@ -58,6 +61,11 @@ def test_two_workers_train_like_one_with_the_same_global_batch_and_the_saved_con
         for step in reference:
             assert other[step] == pytest.approx(reference[step], rel=1e-4)
     assert list((tmp_path / "one" / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    # Each step says how long it took, how much of that it waited for data and its peak memory; a CPU
+    # has no known peak FLOP/s, so no MFU is made up.
+    for row in (r for r in read_metrics(tmp_path / "one") if "loss" in r):
+        assert 0 <= row["data_wait_seconds"] < row["step_seconds"]
+        assert 0.1 < row["peak_memory_gb"] < 24 and "mfu" not in row
     assert (tmp_path / "one" / "loss_curve.png").stat().st_size > 0
 
 
@@ -151,9 +159,19 @@ def test_long_agent_runs_train_at_1024_tokens_with_default_flags_and_report_what
     out = tmp_path / "run"
     data = DATA / "taubench_airline_dev.jsonl"
     args = ["--data_path", str(data), "--model_name_or_path", tiny_model, "--max_seq_length", "1024"]
-    result = train(out, *args, "--max_steps", "2", "--report_to", "none")
+    generate = ["--eval_generate_rows", "2", "--eval_max_new_tokens", "4"]  # next-action scores at the end
+    result = train(out, *args, "--max_steps", "2", "--report_to", "none", *generate)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "0 rejected) -> 54 train rows, 6 validation rows" in result.stderr
+    # every assistant turn of the first 2 validation rows was generated and scored
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    held_out = sorted(_split_lines(list(range(1, 61)), 0.1, 42))[:2]
+    assistant = [m for line in held_out for m in rows[line - 1]["output"] if m["role"] == "assistant"]
+    (scored,) = [r for r in read_metrics(out) if "eval_turns" in r]
+    assert scored["eval_turns"] == len(assistant)
+    assert scored["eval_tool_call_turns"] == sum(bool(m.get("tool_calls")) for m in assistant)
+    assert 0 <= scored["eval_tool_name_accuracy"] <= 1 and 0 <= scored["eval_stop_rate"] <= 1
+    assert f"next action on {len(assistant)} turns" in result.stdout + result.stderr
     assert "790 turns trained, 790 of them with a shortened history, 0 did not fit 1024 tokens" in result.stderr
     assert "system_prompt_left_out: 790 in 60 row(s)" in result.stderr
     listed = [json.loads(line) for line in (out / "rejected_rows.jsonl").read_text().splitlines()]

@@ -24,7 +24,7 @@ from typing import Any
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
 from sftcore.config import TrainConfig, parse_config, save_resolved_config
 from sftcore.console import Progress, configure_console_logging, quiet_libraries, summarize_run
-from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file
+from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file, read_jsonl
 from sftcore.dataset import DatasetSummary
 from sftcore.models import load_tokenizer
 from sftcore.runtime import TorchrunRuntime, relay_events
@@ -272,7 +272,20 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "has_validation": summary.validation_rows > 0,
+        "generation_rows": generation_rows(cfg, summary),
     }
+
+
+def generation_rows(cfg: TrainConfig, summary: DatasetSummary) -> list[tuple[int, dict]]:
+    """The first --eval_generate_rows validation rows, as (line, row), for next-action evaluation."""
+    wanted = set(summary.validation_lines[: cfg.eval_generate_rows])
+    if cfg.eval_generate_rows and len(wanted) < cfg.eval_generate_rows:
+        logger.warning(
+            "--eval_generate_rows %d: the validation split has %d rows; generating on those",
+            cfg.eval_generate_rows,
+            len(wanted),
+        )
+    return [(r.line, r.row) for r in read_jsonl(cfg.data_path) if r.line in wanted] if wanted else []
 
 
 def finish(output_dir: Path, started: float) -> None:
