@@ -191,6 +191,19 @@ class TrainConfig:
         return EncodeOptions(self.max_seq_length, self.history_rewrites, self.overflow, self.train_on)
 
 
+# The options that decide what a row renders into: the tools that show or score training's samples
+# (workflows/inspect_data.py, workflows/evaluate.py) take them too, with training's defaults.
+RENDERING_OPTIONS = (
+    "data_path",
+    "model_name_or_path",
+    "max_seq_length",
+    "overflow",
+    "history_rewrites",
+    "train_on",
+    "chat_template",
+    "trust_remote_code",
+)
+
 RESOLVED_CONFIG_FILE = "train_config.yaml"  # in output_dir: every option of the run, for --config
 
 

@@ -21,22 +21,11 @@ import sys
 import time
 from typing import Any
 
-from sftcore.config import TrainConfig, add_config_arguments
+from sftcore.config import RENDERING_OPTIONS, TrainConfig, add_config_arguments
 from sftcore.data import DataError
 from sftcore.evaluation import collect_turns, evaluate_turns, hf_generator, summarize, tool_call_syntax
 from sftcore.models import load_tokenizer, resolve_model_path
 
-SHARED_OPTIONS = (
-    "data_path",
-    "model_name_or_path",
-    "max_seq_length",
-    "overflow",
-    "history_rewrites",
-    "train_on",
-    "chat_template",
-    "trust_remote_code",
-    "seed",
-)
 METRICS = (
     "turns",
     "tool_call_turns",
@@ -88,22 +77,20 @@ def print_reports(reports: dict[str, dict]) -> None:
         print(f"{key:<24}" + "".join(f"{format_value(r[key]):>{width}}" for r in reports.values()))
     tools = sorted({tool for r in reports.values() for tool in r["per_tool"]})
     if tools:
-        print("per tool (turns, name accuracy, arguments exact):")
+        print("per tool: turns, name accuracy, arguments exact")
         for tool in tools:
             cells = []
             for r in reports.values():
                 t = r["per_tool"].get(tool)
-                cells.append(
-                    "-"
-                    if t is None
-                    else f"{t['turns']}, {t['tool_name_accuracy']:.2f}, {t['arguments_exact_match']:.2f}"
-                )
-            print(f"  {tool:<22}" + "".join(f"{c:>{width}}" for c in cells))
+                scores = None if t is None else (t["turns"], t["tool_name_accuracy"], t["arguments_exact_match"])
+                cells.append("-" if scores is None else "{}, {:.2f}, {:.2f}".format(*scores))
+            print(f"  {tool:<22}" + "".join(f"{c:>{max(width, 18)}}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, SHARED_OPTIONS, defaults={"model_name_or_path": "smollm2-135m-instruct"}, argv=argv)
+    options = (*RENDERING_OPTIONS, "seed")  # the seed picks the --max_rows sample
+    add_config_arguments(parser, options, defaults={"model_name_or_path": "smollm2-135m-instruct"}, argv=argv)
     parser.add_argument("--rows", type=row_range, default=None, help="row indices START:END (0-based, END excluded)")
     parser.add_argument("--max_rows", type=int, default=None, help="a seeded sample of this many of those rows")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest generation per turn")

@@ -16,26 +16,15 @@ import logging
 import sys
 import time
 
-from sftcore.config import TrainConfig, add_config_arguments
+from sftcore.config import RENDERING_OPTIONS, TrainConfig, add_config_arguments
 from sftcore.data import DataError
 from sftcore.inspection import format_report, highlight_html, highlight_terminal, inspect_file, sample_title
 from sftcore.models import load_tokenizer
 
-SHARED_OPTIONS = (
-    "data_path",
-    "model_name_or_path",
-    "max_seq_length",
-    "overflow",
-    "history_rewrites",
-    "train_on",
-    "chat_template",
-    "trust_remote_code",
-)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, SHARED_OPTIONS, defaults={"model_name_or_path": "smollm2-135m-instruct"}, argv=argv)
+    add_config_arguments(parser, RENDERING_OPTIONS, defaults={"model_name_or_path": "smollm2-135m-instruct"}, argv=argv)
     parser.add_argument("--examples", type=int, default=1, help="how many rows to show highlighted, sample by sample")
     parser.add_argument("--html", default=None, help="also write the highlighted examples to this HTML file")
     parser.add_argument("--no_color", action="store_true", help="mark trained text with [[ ]] instead of colour")
