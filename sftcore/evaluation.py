@@ -16,6 +16,7 @@ The metrics (``summarize``) are over evaluated turns; the report keys are the on
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import string
@@ -28,6 +29,8 @@ from sftcore.attention import unpacked_attention
 from sftcore.data import THINK_CLOSE, THINK_OPEN, DataError, parse_row, read_jsonl
 from sftcore.masking import FULL_HISTORY, EncodeOptions, encode_conversation
 from sftcore.templates import adapt_to_template, template_support, tokenizer_key
+
+logger = logging.getLogger(__name__)
 
 _PROBE_NAME, _PROBE_KEY, _PROBE_VALUE, _PROBE_ANSWER = "probe_tool", "probe_key", "probe value 7", "Probe answer 42."
 _PROBE_ROW = {
@@ -412,6 +415,7 @@ def collect_turns(
             found = row_turns(result.row, result.line, tokenizer, options)
         except DataError as e:
             skipped[f"rows_not_evaluated: {e.reason}"] += 1
+            logger.warning("%s:%d: not evaluated: %s", path, result.line, e)
             continue
         turns += found.turns
         for reason, count in found.skipped.items():

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from sftcore.config import RENDERING_OPTIONS, TrainConfig, add_config_arguments
+from sftcore.console import configure_console_logging, quiet_libraries
 from sftcore.data import DataError
 from sftcore.evaluation import collect_turns, evaluate_turns, hf_generator, summarize, tool_call_syntax
 from sftcore.models import load_tokenizer, resolve_model_path
@@ -103,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {k: args.pop(k) for k in ("output_json", "output_jsonl")}
     args.pop("config")
     cfg = TrainConfig(**args)
-    logging.basicConfig(level=logging.WARNING)
-    from sftcore.console import quiet_libraries
-
+    configure_console_logging(logging.WARNING)
     quiet_libraries(verbose=False)
 
     start = time.perf_counter()
