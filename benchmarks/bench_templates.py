@@ -75,9 +75,9 @@ def measure(name: str, path: Path, max_seq_length: int | None) -> dict:
         try:
             encoded = encode_conversation(parse_row(parse_line(line)), tokenizer, options)
         except DataError as e:
-            counts.reject(number, e)
+            counts.reject(path.name, number, e)
             continue
-        counts.add_row(number, encoded.stats())
+        counts.add_row(path.name, number, encoded.stats())
     seconds = time.process_time() - start
     start = time.process_time()
     for line in lines:
@@ -92,10 +92,10 @@ def measure(name: str, path: Path, max_seq_length: int | None) -> dict:
         "file": path.name,
         "rows": len(lines),
         "trained": counts.rows,
-        "rejected": dict(counts.rejected_by_reason()),
+        "rejected": dict(counts.rejected_counts),
         "samples": counts.samples,
         "overhead": counts.split_overhead,
-        "omissions": dict(Counter(o["reason"] for o in counts.omissions)),
+        "omissions": dict(counts.omission_counts),
         "rows_per_second": len(lines) / seconds,
         "render_once_rows_per_second": len(lines) / once,
     }

@@ -14,6 +14,7 @@ import yaml
 
 from sftcore.attention import ATTENTION_CHOICES
 from sftcore.data import TRAIN_ON
+from sftcore.dataset import VALIDATION_LINES_KEPT
 from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
 
 
@@ -23,7 +24,11 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, aliase
 
 @dataclass
 class TrainConfig:
-    data_path: str = _opt(None, "JSONL file of {input, output} trajectory rows (required)")
+    data_path: str = _opt(
+        None,
+        "{input, output} trajectory rows (required): JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), directories of "
+        "them, globs ('data/**/*.jsonl') or URIs (s3://, gs://, any pyarrow filesystem), comma-separated",
+    )
     model_name_or_path: str = _opt(
         "Qwen/Qwen2.5-0.5B-Instruct",
         "hub id, local HF directory, or the bundled offline model 'smollm2-135m-instruct'",
@@ -38,7 +43,11 @@ class TrainConfig:
     lora_target_modules: str = _opt("all-linear", "comma-separated module names, or 'all-linear'")
     num_epochs: int = _opt(3, "passes over the training split (ignored when --max_steps is set)")
     max_steps: int | None = _opt(None, "total optimizer steps; overrides --num_epochs")
-    validation_split: float = _opt(0.1, "fraction of valid rows held out for evaluation (0 disables eval)")
+    validation_split: float = _opt(
+        0.1,
+        "fraction of valid rows held out for evaluation, chosen per row by a seeded hash of its file and line (so "
+        "about this fraction, at least one row; 0 disables eval)",
+    )
     per_device_batch_size: int = _opt(
         2,
         "sequences per micro-batch on each worker (packs of up to --max_seq_length tokens, or samples)",
@@ -179,8 +188,11 @@ class TrainConfig:
                 "--eval_generate_rows generates on each worker's own copy of the model, which --strategy fsdp "
                 "does not have; use --strategy ddp, or evaluate final/ with workflows/evaluate.py"
             )
-        if self.eval_generate_rows < 0:
-            raise ValueError(f"--eval_generate_rows must be 0 or more, got {self.eval_generate_rows}")
+        if not 0 <= self.eval_generate_rows <= VALIDATION_LINES_KEPT:
+            raise ValueError(
+                f"--eval_generate_rows must be 0 to {VALIDATION_LINES_KEPT} (generating on more rows takes longer than "
+                f"the training steps between evaluations), got {self.eval_generate_rows}"
+            )
         if self.gpus_per_worker < 1:
             raise ValueError(f"--gpus_per_worker must be at least 1, got {self.gpus_per_worker}")
         if not 0 <= self.validation_split < 1:

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -53,8 +52,10 @@ class Conversation:
 
 @dataclass
 class LineResult:
-    """One line of a JSONL file: its 1-based number and either the parsed row or the error."""
+    """One line of a JSONL file: its file, 1-based number and either the parsed row or the error
+    (neither: a blank line)."""
 
+    file: str
     line: int
     row: dict[str, Any] | None = None
     error: DataError | None = None
@@ -63,20 +64,33 @@ class LineResult:
 # Rejection reasons that are not bad input: the row is valid but yields nothing to train. Such rows are
 # counted and reported, never a reason to stop the run (--on_bad_rows governs malformed rows only).
 NOT_BAD_INPUT = ("too_long", "nothing_to_train")
+EXAMPLES_PER_REASON = 100  # entries kept in memory per reason; every one of them is in rejected_rows.jsonl
+
+
+def _place(entry: dict[str, Any]) -> tuple[str, int]:
+    return entry["file"], entry["line"]
 
 
 @dataclass
 class LineCounts:
-    """Where the lines of a data file went: blank, rejected (with line number, reason and message), or a
-    row trained as one or more samples, with what of it is not in them as the row has it (``omissions``:
-    turns that did not fit, history left out so that a turn fits, text the template drops). Shared by
-    the training pipeline and the inspection report, so both count the same way."""
+    """Where the lines of the data went: blank, rejected (with file, line number, reason and message), or
+    a row trained as one or more samples, with what of it is not in them as the row has it
+    (``omissions``: turns that did not fit, history left out so that a turn fits, text the template
+    drops). Shared by the training pipeline and the inspection report, so both count the same way.
+
+    Counts are complete; ``rejected`` and ``omissions`` keep the first EXAMPLES_PER_REASON entries of
+    each reason (by file and line), so memory does not grow with the data. Partial counts (of Ray Data
+    batches, of torchrun ranks) add up with ``merge``, in any order, to the same result."""
 
     path: str
     lines: int = 0
     blank_lines: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message"[, "text"]}
-    omissions: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "message", "row_trained"}
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"file", "line", "reason", "message"[, "text"]}
+    omissions: list[dict[str, Any]] = field(default_factory=list)  # {"file", "line", "reason", "message", ...}
+    rejected_counts: Counter = field(default_factory=Counter)  # reason -> rejected lines
+    omission_counts: Counter = field(default_factory=Counter)  # reason -> omissions
+    omission_rows: Counter = field(default_factory=Counter)  # reason -> rows with that omission
+    files: dict[str, Counter] = field(default_factory=dict)  # file -> its lines, blank_lines, rejected, rows
     rows: int = 0
     samples: int = 0
     tokens: int = 0  # in the samples
@@ -86,53 +100,109 @@ class LineCounts:
     windowed_turns: int = 0  # trained with a shortened history (--overflow window)
     dropped_turns: int = 0  # did not fit at all
 
-    def reject(self, line: int, error: DataError, text: str | None = None) -> None:
-        entry = {"line": line, "reason": error.reason, "message": str(error)}
-        self.rejected.append(entry if text is None else {**entry, "text": text})
+    def _count_line(self, file: str, outcome: str) -> None:
+        self.lines += 1
+        per_file = self.files.setdefault(file, Counter())
+        per_file["lines"] += 1
+        per_file[outcome] += 1
 
-    def add_row(self, line: int, stats: dict[str, Any]) -> None:
+    def blank(self, file: str) -> None:
+        self._count_line(file, "blank_lines")
+        self.blank_lines += 1
+
+    def reject(self, file: str, line: int, error: DataError, text: str | None = None) -> None:
+        self._count_line(file, "rejected")
+        entry = {"file": file, "line": line, "reason": error.reason, "message": str(error)}
+        self.rejected_counts[error.reason] += 1
+        if self.rejected_counts[error.reason] <= EXAMPLES_PER_REASON:
+            self.rejected.append(entry if text is None else {**entry, "text": text})
+
+    def add_row(self, file: str, line: int, stats: dict[str, Any]) -> None:
         """Count a trained row from its encoding stats (the keys of ``sftcore.masking.row_stats``)."""
+        self._count_line(file, "rows")
         self.rows += 1
         for key in ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns"):
             setattr(self, key, getattr(self, key) + int(stats[key]))
         self.dropped_turns += int(stats["dropped_turns"])
-        self.omissions += [
-            {"line": line, "reason": reason, "message": message, "row_trained": True}
-            for reason, message in stats["omissions"]
-        ]
+        for reason in {reason for reason, _ in stats["omissions"]}:
+            self.omission_rows[reason] += 1
+        for reason, message in stats["omissions"]:
+            self.omission_counts[reason] += 1
+            if self.omission_counts[reason] <= EXAMPLES_PER_REASON:
+                self.omissions.append(
+                    {"file": file, "line": line, "reason": reason, "message": message, "row_trained": True}
+                )
+
+    def merge(self, other: LineCounts) -> None:
+        """Add another part's counts (the parts cover different lines)."""
+        for key in ("lines", "blank_lines", "rows", "samples", "tokens", "trained_tokens", "row_tokens"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        for key in ("trained_turns", "windowed_turns", "dropped_turns"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        for key in ("rejected_counts", "omission_counts", "omission_rows"):
+            getattr(self, key).update(getattr(other, key))
+        for file, counts in other.files.items():
+            self.files.setdefault(file, Counter()).update(counts)
+        self.rejected = _first_per_reason(self.rejected + other.rejected)
+        self.omissions = _first_per_reason(self.omissions + other.omissions)
 
     @property
     def split_overhead(self) -> float:
         """Tokens in the samples / tokens of the rows as one sequence each (1.0: nothing was split)."""
         return self.tokens / max(1, self.row_tokens)
 
-    def bad_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.rejected if r["reason"] not in NOT_BAD_INPUT]
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected_counts.values())
 
-    def rejected_by_reason(self) -> Counter:
-        return Counter(r["reason"] for r in self.rejected)
+    def bad_row_count(self) -> int:
+        return sum(n for reason, n in self.rejected_counts.items() if reason not in NOT_BAD_INPUT)
 
     def format_rejects(self, limit: int = 20, bad_only: bool = False) -> str:
-        rejected = self.bad_rows() if bad_only else self.rejected
-        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(r["reason"] for r in rejected).items()))
+        counts = {r: n for r, n in self.rejected_counts.items() if not (bad_only and r in NOT_BAD_INPUT)}
+        examples = [r for r in self.rejected if r["reason"] in counts]
+        counted = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+        total = sum(counts.values())
         what = "bad row(s)" if bad_only else "row(s) not trained"
-        lines = [f"{len(rejected)} {what} in {self.path} ({counts})"]
-        lines += [f"  {self.path}:{r['line']}: {r['message']} [{r['reason']}]" for r in rejected[:limit]]
-        if len(rejected) > limit:
-            lines.append(f"  ... and {len(rejected) - limit} more")
+        lines = [f"{total} {what} in {self.path} ({counted})"]
+        lines += [f"  {r['file']}:{r['line']}: {r['message']} [{r['reason']}]" for r in examples[:limit]]
+        if total > min(limit, len(examples)):
+            lines.append(f"  ... and {total - min(limit, len(examples))} more")
         return "\n".join(lines)
+
+    def format_rejected(self, limit: int = 5) -> str:
+        """Rejected lines by reason: counts and the first lines."""
+        title = lambda reason, count: f"rejected [{reason}]: {count}"  # noqa: E731
+        return _by_reason(self.rejected, self.rejected_counts, limit, title)
 
     def format_omissions(self, limit: int = 5) -> str:
         """What trained rows lose, by reason: counts, rows and the first lines."""
-        out = []
-        for reason, count in sorted(Counter(omission["reason"] for omission in self.omissions).items()):
-            entries = [omission for omission in self.omissions if omission["reason"] == reason]
-            rows = len({omission["line"] for omission in entries})
-            out.append(f"  {reason}: {count} in {rows} row(s)")
-            out += [f"    {self.path}:{e['line']}: {e['message']}" for e in entries[:limit]]
-            if count > limit:
-                out.append(f"    ... and {count - limit} more")
-        return "\n".join(out)
+        return _by_reason(
+            self.omissions,
+            self.omission_counts,
+            limit,
+            lambda reason, count: f"{reason}: {count} in {self.omission_rows[reason]} row(s)",
+        )
+
+
+def _by_reason(entries: list[dict[str, Any]], counts: Counter, limit: int, title: Callable[[str, int], str]) -> str:
+    out = []
+    for reason, count in sorted(counts.items()):
+        shown = [entry for entry in entries if entry["reason"] == reason][:limit]
+        out.append(f"  {title(reason, count)}")
+        out += [f"    {e['file']}:{e['line']}: {e['message']}" for e in shown]
+        if count > len(shown):
+            out.append(f"    ... and {count - len(shown)} more")
+    return "\n".join(out)
+
+
+def _first_per_reason(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    kept, seen = [], Counter()
+    for entry in sorted(entries, key=_place):
+        seen[entry["reason"]] += 1
+        if seen[entry["reason"]] <= EXAMPLES_PER_REASON:
+            kept.append(entry)
+    return kept
 
 
 def _text_content(content: Any, where: str) -> str | None:
@@ -345,34 +415,3 @@ def parse_line(line: bytes | str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise DataError(f"row must be a JSON object, got {type(row).__name__}", "bad_type")
     return row
-
-
-def check_readable_file(path: str | Path) -> Path:
-    """The path as a readable regular file, or a DataError that says why not."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file", "missing_file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a JSONL file", "not_a_file")
-    try:
-        with path.open("rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})", "unreadable_file") from None
-    if empty:
-        raise DataError(f"{path}: no rows (the file is empty)", "empty_file")
-    return path
-
-
-def read_jsonl(path: str | Path) -> Iterator[LineResult]:
-    """Every non-blank line of a JSONL file, decoded; errors are yielded (with line numbers), not raised."""
-    path = check_readable_file(path)
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                yield LineResult(line=number)
-                continue
-            try:
-                yield LineResult(line=number, row=parse_line(raw))
-            except DataError as e:
-                yield LineResult(line=number, error=e)

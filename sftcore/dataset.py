@@ -1,81 +1,127 @@
-"""Ray Data pipeline: JSONL lines -> samples (Ray Data tasks) -> rejects reported -> train / validation split.
+"""Ray Data pipeline: the files' lines (read in Ray Data tasks) -> samples (Ray Data tasks) -> counts and
+rejects -> validation split and a seeded shuffle -> packs.
 
 Every input line is accounted for: it becomes a training row, a validation row (each trained as one
 or more samples, with what of it is not trained counted by reason), a blank line, or a rejected row
-with its line number and reason.
+with its file, line number and reason. What comes back to the driver is counts and the first examples
+of each reason (``LineCounts``), never the rows: its memory does not grow with the data. Every line not
+trained is written to rejected_rows.jsonl, streamed in file and line order.
+
+Which rows are held out, and the order rows are packed in, come from a seeded key per line
+(``sources.line_key``): a row is a validation row when its key falls below --validation_split of the key
+range, and training rows are sorted by key before packing, which shuffles them across the whole data
+set (sources sorted by file are mixed in every pack and step). The same seed gives the same split,
+packs and batches, on both data paths and for any worker count.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import hashlib
 import json
-import random
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sftcore.data import DataError, LineCounts, check_readable_file, parse_line, parse_row
+from sftcore.data import DataError, LineCounts, parse_line, parse_row
 from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
 from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
+from sftcore.sources import DataFile, line_key, open_lines, resolve_data_files, split_lines
+
+KEY_RANGE = 1 << 63  # line_key's keys are in [0, KEY_RANGE)
+VALIDATION_LINES_KEPT = 1000  # the first validation rows' (file, line), for --eval_generate_rows
+LINES_PER_BLOCK = 1024  # lines per block the reader hands to the encoders
+GROUP_PARTITIONS = 64  # most shuffle partitions that gather packing windows (Ray's default of 200 is for big data)
 
 
 @dataclass
 class DatasetSummary(LineCounts):
     train_rows: int = 0
     validation_rows: int = 0
+    train_samples: int = 0
     train_tokens: int = 0
     train_trained_tokens: int = 0
     train_sequences: int = 0  # what a worker iterates over: packs, or samples without packing
-    validation_lines: list[int] = field(default_factory=list)  # line numbers of the validation rows
+    # the first VALIDATION_LINES_KEPT validation rows as (file, line), in file and line order
+    validation_lines: list[tuple[str, int]] = field(default_factory=list)
     packing_efficiency: float | None = None  # real tokens / (packs x max_seq_length)
+    # the trained rows with the lowest and the highest key ({"key", "file", "line", "samples", "tokens", ...}):
+    # what the split moves when the key threshold leaves one side empty
+    lowest: dict[str, Any] | None = None
+    highest: dict[str, Any] | None = None
+
+    def merge(self, other: LineCounts) -> None:
+        super().merge(other)
+        assert isinstance(other, DatasetSummary)
+        for key in ("train_rows", "validation_rows", "train_samples", "train_tokens", "train_trained_tokens"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+        self.validation_lines = sorted(self.validation_lines + other.validation_lines)[:VALIDATION_LINES_KEPT]
+        candidates = [row for row in (self.lowest, self.highest, other.lowest, other.highest) if row]
+        self.lowest = min(candidates, key=_row_key, default=None)
+        self.highest = max(candidates, key=_row_key, default=None)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[int, str, int]:
+    return row["key"], row["file"], row["line"]
 
 
 LINE_STATS = ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns", "dropped_turns")
-STATUS_COLUMNS = ["line", "error_reason", "error_message", "rejected_text", "omissions", *LINE_STATS]
+STATUS_COLUMNS = ["file", "line", "key", "blank", "error_reason", "error_message", "rejected_text", "omissions"]
+STATUS_COLUMNS += LINE_STATS
 SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
 _NO_STATUS = {
+    "blank": False,
     "error_reason": "",
     "error_message": "",
     "rejected_text": "",
     "omissions": "[]",
     **dict.fromkeys(LINE_STATS, 0),
 }
+_EMPTY = {"input_ids": np.zeros(0, np.int32), "labels": np.zeros(0, np.int64), "num_tokens": 0, "num_trained": 0}
 
 
 class RowEncoder:
     """Loads the tokenizer once, then encodes batches of raw lines into samples. Each line's first
-    output row (``sample`` 0) also carries the line's status: its error, or its counts."""
+    output row (``sample`` 0) also carries the line's status: blank, its error, or its counts; and every
+    row carries the line's key (``sources.line_key``)."""
 
     def __init__(
         self,
         model_name_or_path: str,
         options: EncodeOptions,
+        seed: int,
         trust_remote_code: bool = False,
         chat_template: str | None = None,
     ):
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code, chat_template)
         self.options = options
+        self.seed = seed
 
-    def encode(self, line: int, text: str) -> list[dict[str, Any]]:
+    def encode(self, file: str, line: int, raw: bytes) -> list[dict[str, Any]]:
+        where = {"file": file, "line": line, "sample": 0, "key": line_key(self.seed, file, line)}
+        if not raw.strip():
+            return [where | _EMPTY | _NO_STATUS | {"blank": True}]
         try:
-            row = parse_row(parse_line(text), self.options.train_on)
+            row = parse_row(parse_line(raw), self.options.train_on)
             encoded = encode_conversation(row, self.tokenizer, self.options)
         except DataError as e:
-            empty = {"input_ids": np.zeros(0, np.int32), "labels": np.zeros(0, np.int64), "num_tokens": 0}
+            text = raw.decode("utf-8", errors="replace")
             error = {"error_reason": e.reason, "error_message": str(e), "rejected_text": text}
-            return [{"line": line, "sample": 0, **empty, "num_trained": 0, **_NO_STATUS, **error}]
+            return [where | _EMPTY | _NO_STATUS | error]
         stats = encoded.stats()
         status = {k: stats[k] for k in LINE_STATS} | {"omissions": json.dumps(stats["omissions"])}
         out = []
         for n, sample in enumerate(encoded.samples):
             labels = np.asarray(sample.labels, dtype=np.int64)
             out.append(
-                {
-                    "line": line,
+                where
+                | {
                     "sample": n,
                     "input_ids": np.asarray(sample.input_ids, dtype=np.int32),
                     "labels": labels,
@@ -89,83 +135,166 @@ class RowEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = [
-            out for line, text in zip(batch["line"], batch["text"], strict=True) for out in self.encode(int(line), text)
+            out
+            for file, line, raw in zip(batch["file"], batch["line"], batch["raw"], strict=True)
+            for out in self.encode(str(file), int(line), bytes(raw))
         ]
         return columns_of(rows) if rows else {}  # a torchrun rank may get no lines
 
 
 @functools.lru_cache(maxsize=2)
 def _process_encoder(
-    model_name_or_path: str, options: EncodeOptions, trust_remote_code: bool, chat_template: str | None
+    model_name_or_path: str, options: EncodeOptions, seed: int, trust_remote_code: bool, chat_template: str | None
 ) -> RowEncoder:
-    return RowEncoder(model_name_or_path, options, trust_remote_code, chat_template)
+    return RowEncoder(model_name_or_path, options, seed, trust_remote_code, chat_template)
 
 
 def encode_lines(
     batch: dict[str, np.ndarray],
     model_name_or_path: str,
     options: EncodeOptions,
+    seed: int,
     trust_remote_code: bool,
     chat_template: str | None,
 ) -> dict[str, Any]:
     """Ray Data task: RowEncoder on a batch of lines. Tasks (not an actor pool) because Ray retries a
     task lost with its node, and reuses worker processes, so each process loads the tokenizer once."""
-    return _process_encoder(model_name_or_path, options, trust_remote_code, chat_template)(batch)
+    return _process_encoder(model_name_or_path, options, seed, trust_remote_code, chat_template)(batch)
 
 
-def _read_lines(path: Path, summary: DatasetSummary) -> list[dict[str, Any]]:
-    """Non-blank UTF-8 lines as {"line", "text"} items; counts lines and blanks, rejects undecodable ones."""
-    items = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            summary.lines += 1
-            if not raw.strip():
-                summary.blank_lines += 1
-                continue
-            try:
-                items.append({"line": number, "text": raw.decode("utf-8")})
-            except UnicodeDecodeError as e:
-                error = DataError(f"invalid UTF-8 at byte {e.start}", "invalid_utf8")
-                summary.reject(number, error, raw.decode("utf-8", errors="replace"))
-    return items
+def _lines_block(file: str, lines: list[tuple[int, bytes]]) -> Any:
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "file": pa.array([file] * len(lines), pa.string()),
+            "line": pa.array([n for n, _ in lines], pa.int64()),
+            "raw": pa.array([raw for _, raw in lines], pa.binary()),
+        }
+    )
 
 
-def _split_lines(lines: list[int], validation_split: float, seed: int) -> set[int]:
-    """Deterministic validation lines for a seed: the same rows whatever the worker count."""
-    if validation_split <= 0 or len(lines) < 2:
-        return set()
-    count = min(len(lines) - 1, max(1, round(len(lines) * validation_split)))
-    return set(random.Random(seed).sample(sorted(lines), count))
+def _jsonl_lines_datasource(files: list[DataFile]) -> Any:
+    """A Ray Data datasource of the files' lines as {"file", "line", "raw"}, blank lines included (they
+    are counted), decompressed by extension. Built here because Ray's read_text drops line numbers."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class JsonlLines(FileBasedDatasource):
+        def __init__(self) -> None:
+            super().__init__([f.path for f in files], filesystem=files[0].filesystem)
+            self.names = {f.path: f.name for f in files}
+
+        def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
+            lines: list[tuple[int, bytes]] = []
+            for number, raw in split_lines(f):
+                lines.append((number, raw))
+                if len(lines) == LINES_PER_BLOCK:
+                    yield _lines_block(self.names[path], lines)
+                    lines = []
+            if lines:
+                yield _lines_block(self.names[path], lines)
+
+    return JsonlLines()
 
 
-def _account(summary: DatasetSummary, status: list[dict[str, Any]], validation_split: float, seed: int) -> set[int]:
-    """Fill the summary from every encoded line's status (rejects in line order, what each trained row
-    yielded, train / validation counts) and return the validation lines."""
-    for row in status:
-        if row["error_reason"]:
-            summary.reject(int(row["line"]), DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
-    summary.rejected.sort(key=lambda r: r["line"])
-    good = sorted((row for row in status if not row["error_reason"]), key=lambda row: row["line"])
-    validation_lines = _split_lines([int(row["line"]) for row in good], validation_split, seed)
-    summary.validation_lines = sorted(validation_lines)
-    for row in good:
-        summary.add_row(int(row["line"]), row | {"omissions": json.loads(row["omissions"])})
-        if row["line"] in validation_lines:
-            summary.validation_rows += 1
+def read_lines(files: list[DataFile]) -> Any:
+    """The files' lines as a Ray Dataset, in file order. Each group of files on one filesystem is one
+    read; files on this machine's disk are read by tasks on this node (other nodes may not have them)."""
+    import ray
+    import ray.data
+
+    groups: list[list[DataFile]] = []
+    for file in files:
+        if groups and groups[-1][0].filesystem.equals(file.filesystem):
+            groups[-1].append(file)
         else:
-            summary.train_rows += 1
-            summary.train_tokens += int(row["tokens"])
-            summary.train_trained_tokens += int(row["trained_tokens"])
-    return validation_lines
+            groups.append([file])
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    parts = [
+        ray.data.read_datasource(_jsonl_lines_datasource(group), label_selector=here if group[0].is_local else None)
+        for group in groups
+    ]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _start_summary(data_path: str) -> tuple[DatasetSummary, list[dict[str, Any]]]:
-    path = check_readable_file(data_path)
-    summary = DatasetSummary(path=str(data_path))
-    items = _read_lines(path, summary)
-    if not items and not summary.rejected:
-        raise DataError(f"{data_path}: no rows (only blank lines)", "empty_file")
-    return summary, items
+def validation_threshold(validation_split: float) -> int:
+    """Rows whose key is below this are validation rows."""
+    return int(max(0.0, min(1.0, validation_split)) * KEY_RANGE)
+
+
+def count_lines(rows: list[dict[str, Any]], threshold: int, path: str) -> DatasetSummary:
+    """The summary of these lines' status rows: what each line became, and the train / validation
+    split for a key threshold. Summaries of disjoint parts merge into the summary of the whole."""
+    summary = DatasetSummary(path=path)
+    for row in sorted(rows, key=lambda row: (row["file"], row["line"])):
+        file, line = str(row["file"]), int(row["line"])
+        if row["blank"]:
+            summary.blank(file)
+        elif row["error_reason"]:
+            summary.reject(file, line, DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
+        else:
+            summary.add_row(file, line, row | {"omissions": json.loads(row["omissions"])})
+            stats = {"key": int(row["key"]), "file": file, "line": line}
+            stats |= {key: int(row[key]) for key in ("samples", "tokens", "trained_tokens")}
+            _count_split(summary, stats, threshold)
+    return summary
+
+
+def _count_split(summary: DatasetSummary, row: dict[str, Any], threshold: int, sign: int = 1) -> None:
+    """Count (sign 1) or uncount (sign -1) a trained row on its side of the split."""
+    if row["key"] < threshold:
+        summary.validation_rows += sign
+        if sign > 0:
+            bisect.insort(summary.validation_lines, (row["file"], row["line"]))
+            del summary.validation_lines[VALIDATION_LINES_KEPT:]
+        else:
+            summary.validation_lines.remove((row["file"], row["line"]))
+    else:
+        summary.train_rows += sign
+        summary.train_samples += sign * row["samples"]
+        summary.train_tokens += sign * row["tokens"]
+        summary.train_trained_tokens += sign * row["trained_tokens"]
+    if sign > 0:
+        summary.lowest = min(filter(None, (summary.lowest, row)), key=_row_key)
+        summary.highest = max(filter(None, (summary.highest, row)), key=_row_key)
+
+
+def settle_split(summary: DatasetSummary, threshold: int, validation_split: float) -> int:
+    """The final key threshold. With --validation_split > 0 and two or more rows, both sides get at
+    least one row: the lowest-key row is held out when none was, the highest-key one trained when
+    every row was held out. The summary's counts follow."""
+    if validation_split <= 0 or summary.rows < 2:
+        return threshold
+    if summary.validation_rows == 0:
+        moved, new_threshold = summary.lowest, summary.lowest["key"] + 1
+    elif summary.train_rows == 0:
+        moved, new_threshold = summary.highest, summary.highest["key"]
+    else:
+        return threshold
+    _count_split(summary, moved, threshold, sign=-1)
+    _count_split(summary, moved, new_threshold)
+    return new_threshold
+
+
+def _summarize_status(batch: dict[str, np.ndarray], threshold: int, path: str) -> dict[str, Any]:
+    """Ray Data task: a batch of status rows as one pickled partial summary."""
+    return {"summary": [pickle.dumps(count_lines(rows_of(batch), threshold, path))]}
+
+
+def untrained_entries(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """rejected_rows.jsonl's entries from status rows: each rejected line, and each omission of a trained row."""
+    for row in rows:
+        where = {"file": str(row["file"]), "line": int(row["line"])}
+        if row["error_reason"]:
+            yield where | {"reason": row["error_reason"], "message": row["error_message"], "text": row["rejected_text"]}
+        for reason, message in json.loads(row["omissions"]):
+            yield where | {"reason": reason, "message": message, "row_trained": True}
+
+
+def write_entries(entries: Iterator[dict[str, Any]], path: Path) -> None:
+    with path.open("w") as f:
+        for entry in entries:
+            f.write(json.dumps(entry) + "\n")
 
 
 def _finish_summary(summary: DatasetSummary, train_sequences: int, packing: bool, max_seq_length: int) -> None:
@@ -179,8 +308,64 @@ def columns_of(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row[key] for row in rows] for key in rows[0]}
 
 
-def rows_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def rows_of(columns: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def window_count(samples: int) -> int:
+    """Packing windows for this many samples: about PACK_WINDOW_ROWS each."""
+    return max(1, -(-samples // PACK_WINDOW_ROWS))
+
+
+def window_of(key: int, windows: int) -> int:
+    """A sample's packing window: a slice of the key range, so a window holds rows from the whole data set
+    (whatever file they come from), and which rows share a window depends on the seed alone."""
+    return key * windows // KEY_RANGE
+
+
+def add_window(batch: dict[str, np.ndarray], windows: int) -> dict[str, np.ndarray]:
+    batch["window"] = np.asarray([window_of(int(key), windows) for key in batch["key"]], dtype=np.int64)
+    return batch
+
+
+def pack_window(batch: dict[str, np.ndarray], budget: int | None) -> dict[str, Any]:
+    """One window's samples in their shuffled order (sample_order), packed into sequences of at most
+    budget tokens (None: as they are), each numbered within the window so the whole set has one
+    deterministic order."""
+    rows = sorted(rows_of(batch), key=sample_order)
+    window = int(rows[0]["window"])
+    out = pack_rows(columns_of(rows), budget) if budget else {k: [row[k] for row in rows] for k in SEQUENCE_COLUMNS}
+    count = len(next(iter(out.values())))
+    return out | {"window": [window] * count, "position": list(range(count))}
+
+
+def _windowed(ds: Any, samples: int, budget: int | None) -> Any:
+    """A Ray Dataset of samples as packs (or, budget None, samples) in their deterministic shuffled order."""
+    columns = [*SEQUENCE_COLUMNS, "key", "file", "sample"]
+    windows = window_count(samples)
+    windowed = ds.select_columns(columns).map_batches(add_window, fn_args=(windows,))
+    if windows == 1:  # all in one block: no shuffle needed to gather it
+        one = windowed.repartition(1).map_batches(pack_window, fn_args=(budget,), batch_size=None, batch_format="numpy")
+        return one.drop_columns(["window", "position"])
+    groups = windowed.groupby("window", num_partitions=min(windows, GROUP_PARTITIONS))
+    ordered = groups.map_groups(pack_window, fn_args=(budget,), batch_format="numpy").sort(["window", "position"])
+    return ordered.drop_columns(["window", "position"])
+
+
+def _windowed_lists(rows: list[dict[str, Any]], budget: int | None) -> list[dict[str, Any]]:
+    """_windowed on in-memory samples."""
+    windows: dict[int, list[dict[str, Any]]] = {}
+    count = window_count(len(rows))
+    for row in rows:
+        window = window_of(row["key"], count)
+        windows.setdefault(window, []).append(row | {"window": window})
+    out = []
+    for _, members in sorted(windows.items()):
+        out += [
+            {k: v for k, v in r.items() if k not in ("window", "position")}
+            for r in rows_of(pack_window(columns_of(members), budget))
+        ]
+    return out
 
 
 def build_datasets(
@@ -193,46 +378,47 @@ def build_datasets(
     trust_remote_code: bool = False,
     packing: bool = True,
     chat_template: str | None = None,
+    rejected_file: Path | None = None,
 ) -> tuple[Any, Any | None, DatasetSummary]:
     """(train dataset, validation dataset or None, summary) as Ray Datasets. Datasets hold input_ids,
     labels and token counts per sample, or with packing per pack (plus position_ids and num_rows). A
-    row's samples all go to the same split."""
+    row's samples all go to the same split. Lines not trained are written to rejected_file."""
     import ray.data
     from ray.data.expressions import col
 
-    summary, items = _start_summary(data_path)
+    files = resolve_data_files(data_path)
     encoded = (
-        ray.data.from_items(items)
+        read_lines(files)
         .map_batches(
             encode_lines,
-            fn_args=(model_name_or_path, options, trust_remote_code, chat_template),
+            fn_args=(model_name_or_path, options, seed, trust_remote_code, chat_template),
             batch_size=32,
             compute=ray.data.TaskPoolStrategy(size=encoder_concurrency),
             num_cpus=1,
         )
         .materialize()
     )
-    status = encoded.select_columns(["sample", *STATUS_COLUMNS]).to_pandas().to_dict("records")
-    validation_lines = _account(summary, _line_status(status), validation_split, seed)
+    status = encoded.filter(expr=col("sample") == 0).select_columns(STATUS_COLUMNS)
+    threshold = validation_threshold(validation_split)
+    summary = DatasetSummary(path=data_path)
+    parts = status.map_batches(_summarize_status, fn_args=(threshold, data_path), batch_size=4096)
+    for part in parts.iter_rows():
+        summary.merge(pickle.loads(part["summary"]))
+    threshold = settle_split(summary, threshold, validation_split)
+    if rejected_file is not None and (summary.rejected_counts or summary.omission_counts):
+        untrained = status.filter(expr=(col("error_reason") != "") | (col("omissions") != "[]"))
+        rows = untrained.sort(["file", "line"]).iter_rows()
+        write_entries(untrained_entries(rows), rejected_file)
 
-    valid = encoded.filter(expr=col("error_reason") == "").select_columns(SEQUENCE_COLUMNS)
-    held_out = sorted(validation_lines)
-    train = valid.filter(expr=col("line").not_in(held_out)) if held_out else valid
-    validation = valid.filter(expr=col("line").is_in(held_out)) if held_out else None
-    budget = options.max_seq_length
-    if packing:
-        train, validation = (
-            None if ds is None else ds.map_batches(pack_rows, fn_kwargs={"budget": budget}, batch_size=PACK_WINDOW_ROWS)
-            for ds in (train, validation)
-        )
-    train = train.materialize()
-    validation = validation.materialize() if validation is not None else None
-    _finish_summary(summary, train.count(), packing, budget)
+    valid = encoded.filter(expr=(col("error_reason") == "") & ~col("blank"))
+    budget = options.max_seq_length if packing else None
+    train = _windowed(valid.filter(expr=col("key") >= threshold), summary.train_samples, budget).materialize()
+    validation = None
+    if summary.validation_rows:
+        validation_samples = summary.samples - summary.train_samples
+        validation = _windowed(valid.filter(expr=col("key") < threshold), validation_samples, budget).materialize()
+    _finish_summary(summary, train.count(), packing, options.max_seq_length)
     return train, validation, summary
-
-
-def _line_status(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [row for row in rows if row["sample"] == 0]
 
 
 def build_sequences(
@@ -244,31 +430,41 @@ def build_sequences(
     trust_remote_code: bool = False,
     packing: bool = True,
     chat_template: str | None = None,
+    rejected_file: Path | None = None,
     rank: int = 0,
     world: int = 1,
     gather: Callable[[Any], list[Any]] = lambda value: [value],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, DatasetSummary]:
     """The same sequences as build_datasets, as in-memory lists, without Ray (torchrun / accelerate).
     Each of `world` processes encodes every world-th line; gather (an all-gather) shares the results,
-    so every process ends with the same lists and summary."""
-    summary, items = _start_summary(data_path)
-    mine = {"line": [i["line"] for i in items[rank::world]], "text": [i["text"] for i in items[rank::world]]}
-    encoded = rows_of(RowEncoder(model_name_or_path, options, trust_remote_code, chat_template)(mine))
-    rows = sorted((row for part in gather(encoded) for row in part), key=lambda row: (row["line"], row["sample"]))
-    validation_lines = _account(summary, _line_status(rows), validation_split, seed)
+    so every process ends with the same lists and summary. Rank 0 writes rejected_file."""
+    encoder = RowEncoder(model_name_or_path, options, seed, trust_remote_code, chat_template)
+    files = resolve_data_files(data_path)
+    mine = []
+    for file in files:
+        lines = list(open_lines(file))[rank::world]
+        if lines:
+            mine += rows_of(encoder(columns_of([{"file": file.name, "line": n, "raw": raw} for n, raw in lines])))
+    file_order = {file.name: i for i, file in enumerate(files)}  # as Ray Data reads them
+    rows = sorted(
+        (row for part in gather(mine) for row in part), key=lambda r: (file_order[r["file"]], r["line"], r["sample"])
+    )
+    status = [{k: row[k] for k in STATUS_COLUMNS} for row in rows if row["sample"] == 0]
+    summary = count_lines(status, validation_threshold(validation_split), data_path)
+    threshold = settle_split(summary, validation_threshold(validation_split), validation_split)
+    if rejected_file is not None and rank == 0 and (summary.rejected_counts or summary.omission_counts):
+        write_entries(untrained_entries(iter(status)), rejected_file)
 
-    valid = [{k: row[k] for k in SEQUENCE_COLUMNS} for row in rows if not row["error_reason"]]
-    train = [row for row in valid if row["line"] not in validation_lines]
-    validation = [row for row in valid if row["line"] in validation_lines] or None
-    budget = options.max_seq_length
-    if packing:
-        train, validation = (None if part is None else _pack_in_windows(part, budget) for part in (train, validation))
-    _finish_summary(summary, len(train), packing, budget)
+    valid = [row for row in rows if not row["error_reason"] and not row["blank"]]
+    budget = options.max_seq_length if packing else None
+    train = _windowed_lists([row for row in valid if row["key"] >= threshold], budget)
+    validation = _windowed_lists([row for row in valid if row["key"] < threshold], budget) or None
+    _finish_summary(summary, len(train), packing, options.max_seq_length)
     return train, validation, summary
 
 
-def _pack_in_windows(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    packs = []
-    for start in range(0, len(rows), PACK_WINDOW_ROWS):
-        packs += rows_of(pack_rows(columns_of(rows[start : start + PACK_WINDOW_ROWS]), budget))
-    return packs
+def sample_order(row: dict[str, Any]) -> tuple:
+    """A sample's place in the seeded shuffle: a key per sample (the samples of a row split by turn are
+    shuffled too, not trained one after another), then its file, line and number for a total order."""
+    digest = hashlib.blake2b(f"{row['key']}\0{row['sample']}".encode(), digest_size=8).digest()
+    return digest, row["file"], int(row["line"]), int(row["sample"])

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftcore.attention import unpacked_attention
-from sftcore.data import THINK_CLOSE, THINK_OPEN, DataError, parse_row, read_jsonl
+from sftcore.data import THINK_CLOSE, THINK_OPEN, DataError, parse_row
 from sftcore.masking import FULL_HISTORY, EncodeOptions, encode_conversation
+from sftcore.sources import read_jsonl
 from sftcore.templates import adapt_to_template, template_support, tokenizer_key
 
 logger = logging.getLogger(__name__)
@@ -415,7 +416,7 @@ def collect_turns(
             found = row_turns(result.row, result.line, tokenizer, options)
         except DataError as e:
             skipped[f"rows_not_evaluated: {e.reason}"] += 1
-            logger.warning("%s:%d: not evaluated: %s", path, result.line, e)
+            logger.warning("%s:%d: not evaluated: %s", result.file, result.line, e)
             continue
         turns += found.turns
         for reason, count in found.skipped.items():

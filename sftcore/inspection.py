@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftcore.data import DataError, LineCounts, parse_row, read_jsonl
+from sftcore.data import DataError, LineCounts, parse_row
 from sftcore.masking import FULL_HISTORY, IGNORE_INDEX, WINDOW, EncodedRow, EncodeOptions, Sample, encode_conversation
+from sftcore.sources import read_jsonl
 
 _GREEN, _MAGENTA, _DIM, _RESET = "\x1b[1;32m", "\x1b[1;35m", "\x1b[2m", "\x1b[0m"
 MASKED, TRAINED, REASONING = "masked", "trained", "reasoning"
@@ -20,7 +21,7 @@ _HISTORY = {FULL_HISTORY: "full history", WINDOW: "recent history only", "window
 class DataReport(LineCounts):
     messages: int = 0
     split_rows: int = 0  # rows trained as several samples
-    examples: list[tuple[int, EncodedRow]] = field(default_factory=list)
+    examples: list[tuple[str, int, EncodedRow]] = field(default_factory=list)  # (file, line, encoded)
 
 
 def inspect_file(
@@ -28,10 +29,9 @@ def inspect_file(
 ) -> DataReport:
     options = options or EncodeOptions()
     report = DataReport(path=str(path))
-    for result in read_jsonl(path):
-        report.lines += 1
+    for result in read_jsonl(str(path)):
         if result.row is None and result.error is None:
-            report.blank_lines += 1
+            report.blank(result.file)
             continue
         try:
             if result.error:
@@ -39,24 +39,24 @@ def inspect_file(
             conv = parse_row(result.row, options.train_on)
             encoded = encode_conversation(conv, tokenizer, options)
         except DataError as e:
-            report.reject(result.line, e)
+            report.reject(result.file, result.line, e)
             continue
-        report.add_row(result.line, encoded.stats())
+        report.add_row(result.file, result.line, encoded.stats())
         report.messages += len(conv.messages)
         report.split_rows += len(encoded.samples) > 1
         if len(report.examples) < num_examples:
-            report.examples.append((result.line, encoded))
+            report.examples.append((result.file, result.line, encoded))
     return report
 
 
 def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
     trained_pct = 100 * report.trained_tokens / max(report.tokens, 1)
-    bad = len(report.bad_rows())
+    bad = report.bad_row_count()
     out = [
         f"{report.path}",
         f"  lines: {report.lines} ({report.blank_lines} blank)",
-        f"  rows to train: {report.rows}   rejected: {len(report.rejected)} ({bad} bad input, "
-        f"{len(report.rejected) - bad} valid but nothing to train)",
+        f"  rows to train: {report.rows}   rejected: {report.rejected_total} ({bad} bad input, "
+        f"{report.rejected_total - bad} valid but nothing to train)",
         f"  messages: {report.messages}   trained assistant turns: {report.trained_turns}",
         f"  samples: {report.samples} ({report.split_rows} rows split into several)   tokens in samples / in rows: "
         f"{report.tokens} / {report.row_tokens} = {report.split_overhead:.2f}x",
@@ -65,13 +65,9 @@ def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
         f"  turns with a shortened history (--overflow window): {report.windowed_turns}   "
         f"turns that did not fit: {report.dropped_turns}",
     ]
-    for reason, count in sorted(report.rejected_by_reason().items()):
-        entries = [r for r in report.rejected if r["reason"] == reason]
-        out.append(f"  rejected [{reason}]: {count}")
-        out += [f"    {report.path}:{r['line']}: {r['message']}" for r in entries[:max_lines_per_reason]]
-        if count > max_lines_per_reason:
-            out.append(f"    ... and {count - max_lines_per_reason} more")
-    if report.omissions:
+    if report.rejected_counts:
+        out.append(report.format_rejected(max_lines_per_reason))
+    if report.omission_counts:
         out.append("  left out of rows that are trained (turns that do not fit, history, text the template drops):")
         out.append(report.format_omissions(max_lines_per_reason))
     return "\n".join(out)
@@ -118,12 +114,12 @@ def highlight_terminal(sample: Sample, tokenizer: Any, color: bool = True, conte
 
 def highlight_html(report: DataReport, tokenizer: Any) -> str:
     sections = []
-    for line, encoded in report.examples:
+    for file, line, encoded in report.examples:
         for n, sample in enumerate(encoded.samples):
             body = "".join(
                 f'<span class="{kind}">{html.escape(text)}</span>' for kind, text in _runs(sample, tokenizer)
             )
-            sections.append(f"<h2>{html.escape(sample_title(report.path, line, encoded, n))}</h2><pre>{body}</pre>")
+            sections.append(f"<h2>{html.escape(sample_title(file, line, encoded, n))}</h2><pre>{body}</pre>")
     return (
         "<!doctype html><meta charset='utf-8'><title>sftcore data inspection</title><style>"
         "body{font-family:sans-serif} pre{white-space:pre-wrap;font-size:13px}"

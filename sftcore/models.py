@@ -55,6 +55,9 @@ def _convert_gguf(package: str, gguf_file: str, target: Path) -> None:
 def resolve_model_path(name_or_path: str) -> str:
     """A path or hub id that ``from_pretrained`` accepts; bundled aliases are converted once and cached."""
     if name_or_path not in BUNDLED_MODELS:
+        # transformers reads a missing directory as a malformed hub id ("Repo id must be in the form ...")
+        if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+            raise FileNotFoundError(f"{name_or_path}: no such directory")
         return name_or_path
     target = cache_dir() / name_or_path
     if not (target / "config.json").exists():

@@ -2,9 +2,10 @@
 that restart at 0 for each row, so transformers masks attention block-diagonally (rows never see
 each other) and no token is spent on padding.
 
-Packs are built by best-fit decreasing within windows of consecutive rows (Ray Data batches, in file
-order), so packing is deterministic: the same data and options give the same packs, which is what
-makes a resumed run see the batches the interrupted one would have seen.
+Packs are built by best-fit decreasing within windows of about PACK_WINDOW_ROWS rows that the seed
+picks from the whole data set (sftcore.dataset), so packing is deterministic: the same data and
+options give the same packs, which is what makes a resumed run see the batches the interrupted one
+would have seen.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def pack_rows(batch: dict[str, np.ndarray], budget: int) -> dict[str, Any]:
     lengths = [len(ids) for ids in batch["input_ids"]]
     packs: dict[str, list] = {k: [] for k in ("input_ids", "labels", "position_ids", "num_tokens", "num_trained")}
     packs["num_rows"] = []
-    for members in best_fit_decreasing(lengths, budget):
-        members.sort()  # file order inside a pack
+    # in the order of their first rows: inside a pack, and from pack to pack, rows keep the batch's order
+    for members in sorted(sorted(members) for members in best_fit_decreasing(lengths, budget)):
         labels = [np.asarray(batch["labels"][i], dtype=np.int64).copy() for i in members]
         for row_labels in labels:
             row_labels[0] = IGNORE_INDEX

@@ -239,5 +239,5 @@ def test_deeply_nested_json_is_an_error_not_a_crash():
 def test_missing_file_and_directory_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         list(read_jsonl(tmp_path / "nope.jsonl"))
-    with pytest.raises(DataError, match="is a directory"):
+    with pytest.raises(DataError, match="a directory with no .jsonl, .jsonl.gz, .jsonl.zst, .jsonl.bz2 file"):
         list(read_jsonl(tmp_path))

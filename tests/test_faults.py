@@ -391,7 +391,7 @@ def test_unusable_paths_are_one_line_errors(tmp_path):
         f"error: {empty}: no rows (the file is empty)"
     )
     assert one_line_error(train(tmp_path / "o2", "--data_path", str(tmp_path))) == (
-        f"error: {tmp_path}: is a directory, expected a JSONL file"
+        f"error: {empty}: no rows (the file is empty)"  # the directory's only JSONL file
     )
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -22,18 +22,18 @@ def test_report_counts_add_up_and_name_bad_lines(tmp_path, smollm2_tokenizer):
         '{"input": "long", "output": "' + "word " * 300 + '"}\n'
     )
     report = inspect_file(path, smollm2_tokenizer, EncodeOptions(max_seq_length=64))
-    assert (report.lines, report.blank_lines, report.rows, len(report.rejected)) == (5, 1, 1, 3)
-    assert report.lines == report.blank_lines + report.rows + len(report.rejected)
-    assert set(report.rejected_by_reason()) == {"invalid_json", "unknown_role", "too_long"}
+    assert (report.lines, report.blank_lines, report.rows, report.rejected_total) == (5, 1, 1, 3)
+    assert report.lines == report.blank_lines + report.rows + report.rejected_total
+    assert set(report.rejected_counts) == {"invalid_json", "unknown_role", "too_long"}
     text = format_report(report)
     assert f"{path}:3: not valid JSON" in text and f"{path}:4: output[0]: unknown role 'robot'" in text
     assert f"{path}:5: too long" in text
-    assert len(report.bad_rows()) == 2  # too long is counted, but it is not bad input
+    assert report.bad_row_count() == 2  # too long is counted, but it is not bad input
 
 
 def test_highlighting_marks_exactly_the_trained_text(smollm2_tokenizer):
     report = inspect_file(REAL_DATA_FILES[1], smollm2_tokenizer, num_examples=2)
-    plain = highlight_terminal(report.examples[0][1].samples[0], smollm2_tokenizer, color=False)
+    plain = highlight_terminal(report.examples[0][2].samples[0], smollm2_tokenizer, color=False)
     assert "[[Thought:" in plain and "<|im_end|>]]" in plain and "[[<|im_start|>" not in plain
     page = highlight_html(report, smollm2_tokenizer)
     assert page.count("<h2>") == 2 and 'class="trained"' in page

@@ -8,7 +8,8 @@ import pytest
 from conftest import COMMON, DATA, REPO, losses, train, write_rows
 from transformers import AutoTokenizer
 
-from sftcore.dataset import _split_lines
+from sftcore.dataset import validation_threshold
+from sftcore.sources import line_key
 from sftcore.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -162,10 +163,11 @@ def test_long_agent_runs_train_at_1024_tokens_with_default_flags_and_report_what
     generate = ["--eval_generate_rows", "2", "--eval_max_new_tokens", "4"]  # next-action scores at the end
     result = train(out, *args, "--max_steps", "2", "--report_to", "none", *generate)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "0 rejected) -> 54 train rows, 6 validation rows" in result.stderr
+    held_out = [n for n in range(1, 61) if line_key(42, str(data), n) < validation_threshold(0.1)]
+    assert f"0 rejected) -> {60 - len(held_out)} train rows, {len(held_out)} validation rows" in result.stderr
     # every assistant turn of the first 2 validation rows was generated and scored
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    held_out = sorted(_split_lines(list(range(1, 61)), 0.1, 42))[:2]
+    held_out = held_out[:2]
     assistant = [m for line in held_out for m in rows[line - 1]["output"] if m["role"] == "assistant"]
     (scored,) = [r for r in read_metrics(out) if "eval_turns" in r]
     assert scored["eval_turns"] == len(assistant)

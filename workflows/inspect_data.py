@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     color = sys.stdout.isatty() and not no_color
     legend = "trained text in green, its reasoning in magenta" if color else "trained text in [[ ]], reasoning in (( ))"
-    for line, encoded in report.examples:
+    for file, line, encoded in report.examples:
         for n, sample in enumerate(encoded.samples):
-            print(f"--- {sample_title(cfg.data_path, line, encoded, n)}: {legend} ---")
+            print(f"--- {sample_title(file, line, encoded, n)}: {legend} ---")
             print(highlight_terminal(sample, tokenizer, color=color, context_chars=context_chars))
     print("--- report ---")
     print(format_report(report))

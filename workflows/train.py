@@ -10,13 +10,11 @@ without Ray. Rerunning the same command continues from the newest checkpoint in 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 import uuid
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,11 @@ from typing import Any
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
 from sftcore.config import TrainConfig, parse_config, save_resolved_config
 from sftcore.console import Progress, configure_console_logging, quiet_libraries, summarize_run
-from sftcore.data import NOT_BAD_INPUT, DataError, check_readable_file, read_jsonl
+from sftcore.data import NOT_BAD_INPUT, DataError
 from sftcore.dataset import DatasetSummary
 from sftcore.models import load_tokenizer
 from sftcore.runtime import TorchrunRuntime, relay_events
+from sftcore.sources import read_jsonl, resolve_data_files
 from sftcore.templates import load_chat_template, template_support
 from sftcore.tracking import plot_loss_curve
 
@@ -183,14 +182,12 @@ def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
 
 
 def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> None:
-    """Write every line, turn or piece of text that is not trained to rejected_rows.jsonl and say so;
-    stop on malformed rows unless --on_bad_rows skip. Rows that are valid but yield nothing to train
-    (too long, nothing marked for training) and text lost from trained rows are reported, not fatal."""
+    """Say what is not trained (build_datasets / build_sequences wrote each line, turn or piece of text to
+    rejected_rows.jsonl); stop on malformed rows unless --on_bad_rows skip. Rows that are valid but yield
+    nothing to train (too long, nothing marked for training) and text lost from trained rows are
+    reported, not fatal."""
     rejected_path = output_dir / REJECTED_FILE
-    if speak and (summary.rejected or summary.omissions):
-        entries = sorted(summary.rejected + summary.omissions, key=lambda entry: entry["line"])
-        rejected_path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
-    if summary.bad_rows():
+    if summary.bad_row_count():
         if cfg.on_bad_rows == "error":
             raise UsageError(
                 f"{summary.format_rejects(limit=100, bad_only=True)}\n"
@@ -205,19 +202,28 @@ def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
             )
     if not speak:
         return
-    unfit = [r for r in summary.rejected if r["reason"] in NOT_BAD_INPUT]
+    unfit = {reason: n for reason, n in summary.rejected_counts.items() if reason in NOT_BAD_INPUT}
     if unfit:
         logger.warning(
             "%d valid row(s) yield nothing to train (%s); listed in %s",
-            len(unfit),
-            ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(r["reason"] for r in unfit).items())),
+            sum(unfit.values()),
+            ", ".join(f"{reason}: {n}" for reason, n in sorted(unfit.items())),
             rejected_path,
         )
-    if summary.omissions:
+    if summary.omission_counts:
         logger.warning(
             "left out of rows that are trained, by reason:\n%s\nlisted in %s",
             summary.format_omissions(3),
             rejected_path,
+        )
+    if len(summary.files) > 1:
+        logger.info(
+            "data files: %d\n%s",
+            len(summary.files),
+            "\n".join(
+                f"  {file}: {c['lines']} lines ({c['blank_lines']} blank, {c['rejected']} rejected, {c['rows']} rows)"
+                for file, c in summary.files.items()
+            ),
         )
 
 
@@ -226,7 +232,7 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
     bad rows unless skipping them, and plan the run: the per-worker loop's config."""
     report_untrained(cfg, summary, output_dir, speak)
     if summary.train_rows == 0:
-        listed = f"\n{summary.format_rejects(limit=3)}" if summary.rejected else ""
+        listed = f"\n{summary.format_rejects(limit=3)}" if summary.rejected_counts else ""
         raise UsageError(f"{cfg.data_path}: no rows to train on{listed}")
     steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
     if speak:
@@ -236,7 +242,7 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
             "%d tokens); train: %d tokens, %d trained; %d steps (%d per epoch)",
             summary.lines,
             summary.blank_lines,
-            len(summary.rejected),
+            summary.rejected_total,
             summary.train_rows,
             summary.validation_rows,
             summary.samples,
@@ -285,7 +291,13 @@ def generation_rows(cfg: TrainConfig, summary: DatasetSummary) -> list[tuple[int
             cfg.eval_generate_rows,
             len(wanted),
         )
-    return [(r.line, r.row) for r in read_jsonl(cfg.data_path) if r.line in wanted] if wanted else []
+    found = []
+    for result in read_jsonl(cfg.data_path) if wanted else ():
+        if (result.file, result.line) in wanted:
+            found.append((result.line, result.row))
+            if len(found) == len(wanted):
+                break
+    return found
 
 
 def finish(output_dir: Path, started: float) -> None:
@@ -327,7 +339,7 @@ def check_chat_template(cfg: TrainConfig) -> None:
 
 
 def prepare(cfg: TrainConfig) -> Path:
-    check_readable_file(cfg.data_path)  # fail in a second, not after Ray or the process group has started
+    resolve_data_files(cfg.data_path)  # fail in a second, not after Ray or the process group has started
     if cfg.chat_template:  # workers get the template's text: they may not see the file (other nodes, other cwd)
         cfg.chat_template = load_chat_template(cfg.chat_template)
     output_dir = check_output_dir(cfg)
@@ -361,6 +373,7 @@ def run(cfg: TrainConfig, started: float) -> int:
         trust_remote_code=cfg.trust_remote_code,
         packing=cfg.packing,
         chat_template=cfg.chat_template,
+        rejected_file=output_dir / REJECTED_FILE,
     )
     loop_config = account_for_data(cfg, summary, output_dir, speak=True)
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
@@ -437,6 +450,7 @@ def run_under_torchrun(cfg: TrainConfig, started: float) -> int:
             trust_remote_code=cfg.trust_remote_code,
             packing=cfg.packing,
             chat_template=cfg.chat_template,
+            rejected_file=output_dir / REJECTED_FILE,
             rank=runtime.rank,
             world=runtime.world,
             gather=gather_objects,

@@ -1,0 +1,176 @@
+"""Where the rows come from: --data_path's files, directories, globs and URIs (any pyarrow filesystem:
+local, s3://, gs://, hdfs://...), resolved once, then read line by line, decompressing .gz / .zst /
+.bz2 on the way. Each line is named by its file and 1-based line number wherever it is reported.
+
+Credentials for cloud storage come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
+instance roles), as pyarrow reads them; sftcore never stores them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sftcore.data import DataError, LineResult, parse_line
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2")  # what a directory or a ** glob picks up
+_GLOB_CHARS = "*?["
+_READ_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class DataFile:
+    name: str  # as messages show it: the path or URI, as the user would write it
+    path: str  # within its filesystem
+    filesystem: Any  # pyarrow.fs.FileSystem (picklable: read tasks on other nodes open it themselves)
+    size: int
+
+    @property
+    def is_local(self) -> bool:
+        return self.filesystem.type_name == "local"
+
+
+def split_data_path(data_path: str) -> list[str]:
+    """--data_path as its sources: comma-separated files, directories, globs or URIs."""
+    sources = [part.strip() for part in data_path.split(",") if part.strip()]
+    if not sources:
+        raise DataError("--data_path names no file", "missing_file")
+    return sources
+
+
+def _filesystem(source: str) -> tuple[Any, str, str]:
+    """(filesystem, path within it, prefix that turns such a path back into the user's form)."""
+    import pyarrow.fs as pafs
+
+    scheme, sep, rest = source.partition("://")
+    if not sep or len(scheme) < 2:  # a plain path (or a Windows drive letter)
+        return pafs.LocalFileSystem(), os.path.abspath(source), ""
+    glob_at = min((rest.find(c) for c in _GLOB_CHARS if c in rest), default=-1)
+    root = source if glob_at < 0 else f"{scheme}://{rest[:glob_at]}"
+    try:
+        filesystem, _ = pafs.FileSystem.from_uri(root)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ValueError for unknown schemes and bad URIs
+        raise DataError(f"{source}: cannot open this URI ({_first_line(e)})", "unreadable_file") from None
+    return filesystem, rest, f"{scheme}://"
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _listed(filesystem: Any, base: str, source: str) -> list[Any]:
+    """The files under base, at any depth, sorted by path."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except Exception as e:  # pyarrow maps permission, network and credential errors to OSError subclasses
+        raise DataError(f"{source}: cannot be listed ({_first_line(e)})", "unreadable_file") from None
+    return sorted((i for i in infos if i.is_file), key=lambda i: i.path)
+
+
+def glob_matches(pattern: str, path: str) -> bool:
+    """Shell-style matching by path component: '*' stays within a directory, '**' spans any number."""
+    return _match(pattern.strip("/").split("/"), path.strip("/").split("/"))
+
+
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+
+
+def _resolve_one(source: str) -> list[DataFile]:
+    import pyarrow.fs as pafs
+
+    filesystem, path, prefix = _filesystem(source)
+    local = filesystem.type_name == "local"
+    if any(c in path for c in _GLOB_CHARS):
+        fixed = path[: min(path.find(c) for c in _GLOB_CHARS if c in path)].rpartition("/")[0]
+        found = [i for i in _listed(filesystem, fixed or "/", source) if glob_matches(path, i.path)]
+        if not found:
+            raise DataError(f"{source}: no file matches", "missing_file")
+    else:
+        try:
+            info = filesystem.get_file_info(path)
+        except Exception as e:  # as in _listed
+            raise DataError(f"{source}: cannot be read ({_first_line(e)})", "unreadable_file") from None
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{source}: no such file", "missing_file")
+        if info.type != pafs.FileType.Directory:
+            return [DataFile(source, path, filesystem, info.size)]
+        found = [i for i in _listed(filesystem, path, source) if i.path.endswith(JSONL_SUFFIXES)]
+        if not found:
+            raise DataError(f"{source}: a directory with no {', '.join(JSONL_SUFFIXES)} file in it", "missing_file")
+    return [DataFile(i.path if local else prefix + i.path, i.path, filesystem, i.size) for i in found]
+
+
+def resolve_data_files(data_path: str) -> list[DataFile]:
+    """Every file --data_path names, in the order given (a directory's or a glob's files sorted by
+    path), each once; a DataError names the source that is missing, unreadable, or matches nothing."""
+    files: dict[str, DataFile] = {}
+    for source in split_data_path(data_path):
+        for file in _resolve_one(source):
+            files.setdefault(file.name, file)
+    for file in files.values():
+        if file.is_local:  # cheap here; a bucket's files are opened by the read tasks
+            try:
+                with open(file.path, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise DataError(f"{file.name}: cannot be read ({e.strerror})", "unreadable_file") from None
+    if all(file.size == 0 for file in files.values()):
+        if len(files) == 1:
+            raise DataError(f"{next(iter(files))}: no rows (the file is empty)", "empty_file")
+        raise DataError(f"{data_path}: no rows (all {len(files)} files are empty)", "empty_file")
+    return list(files.values())
+
+
+def split_lines(stream: Any) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, the line without its newline) for each line of a binary stream."""
+    number, tail = 0, b""
+    while chunk := stream.read(_READ_BYTES):
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            number += 1
+            yield number, line
+    if tail:
+        yield number + 1, tail
+
+
+def open_lines(file: DataFile) -> Iterator[tuple[int, bytes]]:
+    """A file's lines, decompressed by its extension (.gz, .zst, .bz2)."""
+    try:
+        with file.filesystem.open_input_stream(file.path, compression="detect") as stream:
+            yield from split_lines(stream)
+    except OSError as e:
+        raise DataError(f"{file.name}: cannot be read ({_first_line(e)})", "unreadable_file") from None
+
+
+def read_jsonl(data_path: str) -> Iterator[LineResult]:
+    """Every line of every file --data_path names, decoded: a row, an error (with its file and line
+    number; yielded, not raised) or, for a blank line, neither."""
+    for file in resolve_data_files(str(data_path)):
+        for number, raw in open_lines(file):
+            if not raw.strip():
+                yield LineResult(file=file.name, line=number)
+                continue
+            try:
+                yield LineResult(file=file.name, line=number, row=parse_line(raw))
+            except DataError as e:
+                yield LineResult(file=file.name, line=number, error=e)
+
+
+def line_key(seed: int, file: str, line: int) -> int:
+    """A seeded pseudo-random 63-bit key per line: which rows are held out for validation (the smallest
+    keys) and the order rows are packed in (ascending). Depends only on the seed, the file's name and the
+    line number, so both data paths and every worker count agree, without a list of all lines anywhere."""
+    digest = hashlib.blake2b(f"{seed}\0{file}\0{line}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1

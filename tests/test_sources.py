@@ -1,0 +1,131 @@
+"""--data_path's files, directories, globs and URIs, read line by line (sftcore.sources)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+
+import pyarrow as pa
+import pytest
+
+from sftcore.data import DataError
+from sftcore.sources import glob_matches, line_key, open_lines, read_jsonl, resolve_data_files, split_lines
+
+
+def write(path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".bz2"):
+        data = bz2.compress(data)
+    elif path.name.endswith(".zst"):
+        with pa.output_stream(str(path), compression="zstd") as f:
+            f.write(data)
+        return
+    path.write_bytes(data)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """shards/a.jsonl, shards/b.jsonl.gz, shards/more/c.jsonl.zst, shards/more/d.jsonl.bz2, shards/notes.txt"""
+    root = tmp_path / "shards"
+    write(root / "a.jsonl", b'{"n": 1}\n\n{"n": 2}\n')
+    write(root / "b.jsonl.gz", b'{"n": 3}\nnot json\n')
+    write(root / "more" / "c.jsonl.zst", b'{"n": 4}\n{"n": 5}')
+    write(root / "more" / "d.jsonl.bz2", b'{"n": 6}\n')
+    write(root / "notes.txt", b"not data\n")
+    return root
+
+
+def names(files) -> list[str]:
+    return [file.name.rpartition("shards/")[2] for file in files]
+
+
+def test_a_directory_is_every_jsonl_file_under_it_compressed_or_not_in_path_order(tree):
+    assert names(resolve_data_files(str(tree))) == ["a.jsonl", "b.jsonl.gz", "more/c.jsonl.zst", "more/d.jsonl.bz2"]
+
+
+def test_globs_match_by_path_component_and_double_star_spans_directories(tree):
+    assert names(resolve_data_files(f"{tree}/*.jsonl*")) == ["a.jsonl", "b.jsonl.gz"]
+    assert names(resolve_data_files(f"{tree}/**/*.jsonl.*")) == ["b.jsonl.gz", "more/c.jsonl.zst", "more/d.jsonl.bz2"]
+    assert names(resolve_data_files(f"{tree}/m*/?.jsonl.[bz]*")) == ["more/c.jsonl.zst", "more/d.jsonl.bz2"]
+    assert glob_matches("/x/**/*.jsonl", "/x/a.jsonl") and glob_matches("/x/**/*.jsonl", "/x/y/z/a.jsonl")
+    assert not glob_matches("/x/*.jsonl", "/x/y/a.jsonl")
+
+
+def test_comma_separated_sources_keep_their_order_and_name_each_file_once(tree):
+    files = resolve_data_files(f"{tree}/more/d.jsonl.bz2, {tree}/a.jsonl,{tree}")
+    assert names(files) == ["more/d.jsonl.bz2", "a.jsonl", "b.jsonl.gz", "more/c.jsonl.zst"]
+
+
+def test_lines_are_decompressed_and_numbered_per_file_blank_and_bad_lines_included(tree):
+    results = list(read_jsonl(str(tree)))
+    got = [(r.file.rpartition("shards/")[2], r.line, r.row, r.error and r.error.reason) for r in results]
+    assert got == [
+        ("a.jsonl", 1, {"n": 1}, None),
+        ("a.jsonl", 2, None, None),
+        ("a.jsonl", 3, {"n": 2}, None),
+        ("b.jsonl.gz", 1, {"n": 3}, None),
+        ("b.jsonl.gz", 2, None, "invalid_json"),
+        ("more/c.jsonl.zst", 1, {"n": 4}, None),
+        ("more/c.jsonl.zst", 2, {"n": 5}, None),  # no newline at the end
+        ("more/d.jsonl.bz2", 1, {"n": 6}, None),
+    ]
+
+
+def test_an_explicit_file_is_named_as_given(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    (file,) = resolve_data_files("a.jsonl")
+    assert file.name == "a.jsonl" and [n for n, _ in open_lines(file)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        ("{tree}/nope.jsonl", "{tree}/nope.jsonl: no such file"),
+        ("{tree}/*.parquet", "{tree}/*.parquet: no file matches"),
+        ("{tree}/more/../../", None),
+        ("nosuchscheme://bucket/x.jsonl", "nosuchscheme://bucket/x.jsonl: cannot open this URI"),
+        ("", "--data_path names no file"),
+    ],
+)
+def test_sources_that_name_nothing_readable_are_clear_errors(tree, source, message):
+    source = source.format(tree=tree)
+    if message is None:  # tmp_path itself: its only JSONL files are the tree's
+        assert len(resolve_data_files(source)) == 4
+        return
+    with pytest.raises(DataError) as info:
+        resolve_data_files(source)
+    assert str(info.value).startswith(message.format(tree=tree))
+
+
+def test_a_directory_without_jsonl_and_empty_files_are_clear_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("x\n")
+    with pytest.raises(DataError, match="a directory with no .jsonl"):
+        resolve_data_files(str(tmp_path))
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"no rows \(all 2 files are empty\)"):
+        resolve_data_files(str(tmp_path))
+    with pytest.raises(DataError, match=r"a.jsonl: no rows \(the file is empty\)"):
+        resolve_data_files(str(tmp_path / "a.jsonl"))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_split_lines_matches_python_line_splitting_whatever_the_read_size(chunk, monkeypatch):
+    import sftcore.sources
+
+    monkeypatch.setattr(sftcore.sources, "_READ_BYTES", chunk)
+    data = b'{"a": 1}\r\n\n\nx\n{"b": "\xc3\xa9"}'
+    assert list(split_lines(io.BytesIO(data))) == list(enumerate(data.split(b"\n"), start=1))
+    assert list(split_lines(io.BytesIO(b"a\n"))) == [(1, b"a")]
+    assert list(split_lines(io.BytesIO(b""))) == []
+
+
+def test_line_keys_depend_on_seed_file_and_line_only():
+    assert line_key(1, "a.jsonl", 3) == line_key(1, "a.jsonl", 3)
+    assert len({line_key(1, "a.jsonl", 3), line_key(2, "a.jsonl", 3), line_key(1, "b.jsonl", 3)}) == 3
+    keys = [line_key(7, "f", n) for n in range(1, 2001)]
+    assert all(0 <= k < 1 << 63 for k in keys)
+    assert 0.45 < sum(k < 1 << 62 for k in keys) / len(keys) < 0.55  # spread evenly over the key range
