@@ -184,13 +184,22 @@ def _jsonl_lines_datasource(files: list[DataFile]) -> Any:
             super().__init__([f.path for f in files], filesystem=files[0].filesystem)
             self.names = {f.path: f.name for f in files}
 
+        def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
+            try:
+                return super()._open_input_source(filesystem, path, **open_args)
+            except OSError as e:  # gone since it was listed, no permission, a network or credential error
+                raise DataError(f"{self.names[path]}: cannot be read ({e})", "unreadable_file") from None
+
         def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
             lines: list[tuple[int, bytes]] = []
-            for number, raw in split_lines(f):
-                lines.append((number, raw))
-                if len(lines) == LINES_PER_BLOCK:
-                    yield _lines_block(self.names[path], lines)
-                    lines = []
+            try:
+                for number, raw in split_lines(f):
+                    lines.append((number, raw))
+                    if len(lines) == LINES_PER_BLOCK:
+                        yield _lines_block(self.names[path], lines)
+                        lines = []
+            except OSError as e:  # a corrupt compressed file, a connection lost mid-file
+                raise DataError(f"{self.names[path]}: cannot be read ({e})", "unreadable_file") from None
             if lines:
                 yield _lines_block(self.names[path], lines)
 
@@ -387,17 +396,18 @@ def build_datasets(
     from ray.data.expressions import col
 
     files = resolve_data_files(data_path)
-    encoded = (
-        read_lines(files)
-        .map_batches(
-            encode_lines,
-            fn_args=(model_name_or_path, options, seed, trust_remote_code, chat_template),
-            batch_size=32,
-            compute=ray.data.TaskPoolStrategy(size=encoder_concurrency),
-            num_cpus=1,
-        )
-        .materialize()
+    encoding = read_lines(files).map_batches(
+        encode_lines,
+        fn_args=(model_name_or_path, options, seed, trust_remote_code, chat_template),
+        batch_size=32,
+        compute=ray.data.TaskPoolStrategy(size=encoder_concurrency),
+        num_cpus=1,
     )
+    try:
+        encoded = encoding.materialize()
+    except DataError as e:  # raised in a read task: Ray's error is a DataError too, with its traceback in the text
+        cause = getattr(e, "cause", e)  # Ray Data appends its retry advice to the message: keep the first line
+        raise DataError(str(cause).splitlines()[0], cause.reason) from None
     status = encoded.filter(expr=col("sample") == 0).select_columns(STATUS_COLUMNS)
     threshold = validation_threshold(validation_split)
     summary = DatasetSummary(path=data_path)

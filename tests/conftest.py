@@ -198,3 +198,33 @@ COMMON = [
     "--max_seq_length",
     "256",
 ]
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 server (moto's server mode) on loopback with an empty bucket; the AWS_* variables that
+    point pyarrow and boto3 at it are set for this test and the processes it starts. Yields a boto3 client
+    and the bucket's name."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="trajectories")
+    try:
+        yield client, "trajectories"
+    finally:
+        server.stop()

@@ -129,3 +129,32 @@ def test_line_keys_depend_on_seed_file_and_line_only():
     keys = [line_key(7, "f", n) for n in range(1, 2001)]
     assert all(0 <= k < 1 << 63 for k in keys)
     assert 0.45 < sum(k < 1 << 62 for k in keys) / len(keys) < 0.55  # spread evenly over the key range
+
+
+def test_a_corrupt_compressed_file_is_named(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"input": "a", "output": "b"}\n' * 50)[:40])
+    with pytest.raises(DataError, match=f"^{path}: cannot be read \\(.*[Tt]runcated"):
+        list(read_jsonl(str(path)))
+
+
+def test_s3_directories_globs_and_compressed_files_read_from_a_real_s3_server(s3_bucket):
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="shards/a.jsonl", Body=b'{"n": 1}\nnot json\n')
+    client.put_object(Bucket=bucket, Key="shards/deep/b.jsonl.gz", Body=gzip.compress(b'{"n": 2}\n\n{"n": 3}\n'))
+    client.put_object(Bucket=bucket, Key="shards/readme.md", Body=b"# not data\n")
+    where = f"s3://{bucket}/shards"
+    assert [f.name for f in resolve_data_files(where)] == [f"{where}/a.jsonl", f"{where}/deep/b.jsonl.gz"]
+    assert [f.name for f in resolve_data_files(f"{where}/*.jsonl")] == [f"{where}/a.jsonl"]
+    got = [(r.file, r.line, r.row, r.error and r.error.reason) for r in read_jsonl(f"{where}/**/*.jsonl*")]
+    assert got == [
+        (f"{where}/a.jsonl", 1, {"n": 1}, None),
+        (f"{where}/a.jsonl", 2, None, "invalid_json"),
+        (f"{where}/deep/b.jsonl.gz", 1, {"n": 2}, None),
+        (f"{where}/deep/b.jsonl.gz", 2, None, None),
+        (f"{where}/deep/b.jsonl.gz", 3, {"n": 3}, None),
+    ]
+    with pytest.raises(DataError, match=f"^s3://{bucket}/nope.jsonl: no such file$"):
+        resolve_data_files(f"s3://{bucket}/nope.jsonl")
+    with pytest.raises(DataError, match=f"^s3://{bucket}/shards/\\*.parquet: no file matches$"):
+        resolve_data_files(f"s3://{bucket}/shards/*.parquet")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 from conftest import COMMON, DATA, REPO, losses, train, write_rows
@@ -152,6 +154,26 @@ def test_bad_rows_stop_before_training_or_are_skipped_and_written(tmp_path, tiny
     # --chat_template is what the run trained with, and what final/'s tokenizer renders with
     shipped = (REPO / "sftcore" / "chat_templates" / "chatml.jinja").read_text()
     assert AutoTokenizer.from_pretrained(tmp_path / "skipped" / "final").chat_template == shipped
+
+
+def test_shards_in_a_bucket_train_with_each_bad_line_named_by_its_uri_and_line(tmp_path, tiny_model, s3_bucket):
+    """--data_path s3://.../*.jsonl* on a real S3 server: Ray Data's read tasks read the shards (one gzipped)
+    and the run names a bad line in each by its URI and line number, with per-file counts."""
+    client, bucket = s3_bucket
+    rows = Path(write_rows(tmp_path / "rows.jsonl", 12)).read_text().splitlines()
+    client.put_object(Bucket=bucket, Key="run1/a.jsonl", Body="\n".join([*rows[:6], "not json"]).encode())
+    gzipped = gzip.compress("\n".join([*rows[6:9], "", *rows[9:], '{"input": "x"}']).encode())
+    client.put_object(Bucket=bucket, Key="run1/b.jsonl.gz", Body=gzipped)
+    args = ["--data_path", f"s3://{bucket}/run1/*.jsonl*", "--model_name_or_path", tiny_model, *COMMON]
+    result = train(tmp_path / "out", *args, "--max_steps", "1", "--report_to", "none", "--on_bad_rows", "skip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = f"s3://{bucket}/run1/a.jsonl", f"s3://{bucket}/run1/b.jsonl.gz"
+    assert f"{a}:7: not valid JSON" in result.stderr and f"{b}:8: missing field(s): output" in result.stderr
+    assert f"{a}: 7 lines (0 blank, 1 rejected, 6 rows)" in result.stderr
+    assert f"{b}: 8 lines (1 blank, 1 rejected, 6 rows)" in result.stderr
+    assert "12 train rows" in result.stderr
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["reason"]) for r in rejected] == [(a, 7, "invalid_json"), (b, 8, "missing_field")]
 
 
 def test_long_agent_runs_train_at_1024_tokens_with_default_flags_and_report_what_did_not_fit(tmp_path, tiny_model):
