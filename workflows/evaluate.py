@@ -79,13 +79,14 @@ def print_reports(reports: dict[str, dict]) -> None:
     tools = sorted({tool for r in reports.values() for tool in r["per_tool"]})
     if tools:
         print("per tool: turns, name accuracy, arguments exact")
+        name_width = max(22, *(len(tool) for tool in tools))  # tau-bench has names of 27 characters
         for tool in tools:
             cells = []
             for r in reports.values():
                 t = r["per_tool"].get(tool)
                 scores = None if t is None else (t["turns"], t["tool_name_accuracy"], t["arguments_exact_match"])
                 cells.append("-" if scores is None else "{}, {:.2f}, {:.2f}".format(*scores))
-            print(f"  {tool:<22}" + "".join(f"{c:>{max(width, 18)}}" for c in cells))
+            print(f"  {tool:<{name_width}}" + "".join(f"{c:>{max(width, 18)}}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
