@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA, TEMPLATES
 
+from sftcore.data import DataError
 from sftcore.dataset import build_datasets, build_sequences
 from sftcore.masking import EncodeOptions
 from sftcore.models import load_tokenizer
@@ -185,3 +186,19 @@ def test_a_file_sorted_by_source_is_mixed_in_every_few_steps(tmp_path, monkeypat
         assert sum(f for f, _ in window) and sum(t for _, t in window), f"sequences {start}-{start + size}: {window}"
     again, _, _ = build_sequences("sorted.jsonl", "smollm2-135m-instruct", options, 0.1, 42, packing=packing)
     assert [list(s["input_ids"]) for s in again] == [list(s["input_ids"]) for s in train]  # seeded: the same order
+
+
+@pytest.mark.slow
+def test_a_file_that_cannot_be_read_in_a_ray_data_task_is_a_one_line_error(tmp_path):
+    import ray
+
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress((DATA / "fireact_hotpotqa.jsonl").read_bytes())[:200])
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        with pytest.raises(DataError) as info:
+            build_datasets(str(cut), "smollm2-135m-instruct", EncodeOptions(), 0.1, 1)
+    finally:
+        ray.shutdown()
+    assert str(info.value).startswith(f"{cut}: cannot be read (") and "\n" not in str(info.value)
+    assert info.value.reason == "unreadable_file" and type(info.value) is DataError  # not Ray's wrapper
