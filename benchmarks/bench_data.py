@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -71,16 +72,10 @@ def child(data: str, workers: int) -> None:
 def measure(tree: Path, data: Path, workers: int) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(data), "--workers", str(workers)]
     env = {"PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    done = subprocess.run(command, cwd=tree, capture_output=True, text=True, env={**_environ(), **env})
+    done = subprocess.run(command, cwd=tree, capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode:
         raise SystemExit(f"{tree}: failed\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _environ() -> dict:
-    import os
-
-    return dict(os.environ)
 
 
 def checkout(rev: str, folder: Path) -> Path:

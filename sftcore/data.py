@@ -135,9 +135,7 @@ class LineCounts:
 
     def merge(self, other: LineCounts) -> None:
         """Add another part's counts (the parts cover different lines)."""
-        for key in ("lines", "blank_lines", "rows", "samples", "tokens", "trained_tokens", "row_tokens"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
-        for key in ("trained_turns", "windowed_turns", "dropped_turns"):
+        for key in _SUMMED:
             setattr(self, key, getattr(self, key) + getattr(other, key))
         for key in ("rejected_counts", "omission_counts", "omission_rows"):
             getattr(self, key).update(getattr(other, key))
@@ -194,6 +192,10 @@ def _by_reason(entries: list[dict[str, Any]], counts: Counter, limit: int, title
         if count > len(shown):
             out.append(f"    ... and {count - len(shown)} more")
     return "\n".join(out)
+
+
+_SUMMED = ("lines", "blank_lines", "rows", "samples", "tokens", "trained_tokens", "row_tokens", "trained_turns")
+_SUMMED += ("windowed_turns", "dropped_turns")
 
 
 def _first_per_reason(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
