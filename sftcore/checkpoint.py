@@ -14,23 +14,29 @@ checkpoint-{step}/
 final/ is a checkpoint too (so a finished run can be continued with a larger --max_steps), plus the
 model in HF format at its root, LoRA merged, loadable with AutoModelForCausalLM.from_pretrained.
 
-Ray Train copies a checkpoint into OUTPUT_DIR file by file, so a crash (or a full disk) mid-copy
-leaves a directory with some files missing or cut short. Nothing trusts a directory's name: resume
-takes the newest checkpoint whose files all match its manifest, and says which ones it skipped.
+Ray Train copies a checkpoint into OUTPUT_DIR (a directory, or a bucket: sftcore.storage) file by
+file, so a crash (or a full disk) mid-copy leaves a directory with some files missing or cut short.
+Nothing trusts a directory's name: resume takes the newest checkpoint whose files all match its
+manifest, and says which ones it skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
-import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sftcore.storage import StoragePath
 
 logger = logging.getLogger(__name__)
 
@@ -103,29 +109,31 @@ def write_manifest(directory: Path, entries: dict[str, dict[str, Any]] | None = 
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def checkpoint_problem(directory: Path, check_hashes: bool = True) -> str | None:
+def checkpoint_problem(directory: str | os.PathLike | StoragePath, check_hashes: bool = True) -> str | None:
     """Why this checkpoint cannot be trusted (None: it is complete and intact)."""
+    directory = StoragePath.of(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
         return f"no {MANIFEST} (incomplete: written by a crashed or older run)"
     except (OSError, ValueError) as e:
         return f"unreadable {MANIFEST} ({e})"
+    sizes = directory.files()
     for name, expected in manifest.items():
-        path = directory / name
-        if not path.is_file():
+        if name not in sizes:
             return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
-        if check_hashes and _sha256(path) != expected["sha256"]:
+        if sizes[name] != expected["size"]:
+            return f"{name} has {sizes[name]} bytes, expected {expected['size']}"
+        if check_hashes and (directory / name).sha256() != expected["sha256"]:
             return f"{name} is corrupted (sha256 mismatch)"
     if TRAINER_STATE not in manifest or TRAINING_STATE not in manifest:
         return "not a training checkpoint"
     return None
 
 
-def checkpoint_step(directory: Path) -> int | None:
+def checkpoint_step(directory: str | os.PathLike | StoragePath) -> int | None:
     """N for checkpoint-N; final/ counts by the step it recorded (None when unreadable)."""
+    directory = StoragePath.of(directory)
     if directory.name.startswith("checkpoint-") and directory.name[len("checkpoint-") :].isdigit():
         return int(directory.name[len("checkpoint-") :])
     try:
@@ -134,26 +142,58 @@ def checkpoint_step(directory: Path) -> int | None:
         return None
 
 
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    """The intact checkpoint (checkpoint-N or final/) with the highest step; torn ones are skipped, loudly."""
-    candidates = [p for p in [*output_dir.glob("checkpoint-*"), output_dir / "final"] if p.is_dir()]
-    stepped = [(step, p.name == "final", p) for p in candidates if (step := checkpoint_step(p)) is not None]
-    for step, _, path in sorted(stepped, reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        logger.warning("skipping checkpoint %s (step %d): %s", path, step, problem)
-    return None
+def _checkpoints_newest_first(output_dir: StoragePath) -> list[StoragePath]:
+    """checkpoint-N and final/ by step, newest first (final/ before a checkpoint of the same step)."""
+    directories = [output_dir / name for name, is_dir in output_dir.children().items() if is_dir]
+    candidates = [d for d in directories if d.name.startswith("checkpoint-") or d.name == "final"]
+    stepped = [(step, d.name == "final", d) for d in candidates if (step := checkpoint_step(d)) is not None]
+    return [d for _, _, d in sorted(stepped, key=lambda s: s[:2], reverse=True)]
 
 
-def read_trainer_state(directory: Path) -> TrainerState:
-    payload = json.loads((directory / TRAINER_STATE).read_text())
+def _intact(directory: StoragePath, check_hashes: bool, shown: StoragePath | None = None) -> bool:
+    problem = checkpoint_problem(directory, check_hashes)
+    if problem is not None:
+        shown = shown or directory
+        logger.warning("skipping checkpoint %s (step %s): %s", shown, checkpoint_step(shown), problem)
+    return problem is None
+
+
+def newest_checkpoint(output_dir: str | os.PathLike | StoragePath) -> StoragePath | None:
+    """The intact checkpoint (checkpoint-N or final/) with the highest step; torn ones are skipped, loudly.
+    In a bucket only the files' presence and sizes are checked here (an object is uploaded whole or not
+    at all); their hashes are checked on the copy a worker downloads to resume from."""
+    output_dir = StoragePath.of(output_dir)
+    return next((d for d in _checkpoints_newest_first(output_dir) if _intact(d, output_dir.is_local)), None)
+
+
+@contextlib.contextmanager
+def local_newest_checkpoint(output_dir: StoragePath) -> Iterator[Path | None]:
+    """The newest intact checkpoint as a directory on this machine: in place when output_dir is local,
+    else a downloaded copy (deleted when the block ends), whose hashes are checked before it is used."""
+    if output_dir.is_local:
+        newest = newest_checkpoint(output_dir)
+        yield None if newest is None else newest.local_path
+        return
+    for directory in _checkpoints_newest_first(output_dir):
+        if not _intact(directory, check_hashes=False):
+            continue
+        with tempfile.TemporaryDirectory(prefix="sftcore-resume-") as tmp:
+            local = Path(tmp) / directory.name
+            directory.download(local)
+            if _intact(StoragePath.of(local), check_hashes=True, shown=directory):
+                yield local
+                return
+    yield None
+
+
+def read_trainer_state(directory: str | os.PathLike | StoragePath) -> TrainerState:
+    payload = json.loads((StoragePath.of(directory) / TRAINER_STATE).read_text())
     return TrainerState(**{k: payload[k] for k in TrainerState.__dataclass_fields__})
 
 
-def read_run_config(directory: Path) -> dict[str, Any]:
+def read_run_config(directory: str | os.PathLike | StoragePath) -> dict[str, Any]:
     """The TrainConfig (as a dict) of the run that wrote the checkpoint."""
-    return json.loads((directory / TRAINER_STATE).read_text()).get("config", {})
+    return json.loads((StoragePath.of(directory) / TRAINER_STATE).read_text()).get("config", {})
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any) -> None:
@@ -166,16 +206,18 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer | None
     random.setstate(saved["python_rng"])
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
+def prune_checkpoints(output_dir: str | os.PathLike | StoragePath, keep: int) -> None:
     """Keep the newest `keep` intact checkpoint-{step} directories; delete every older one (torn or
-    not). final/ is never counted or removed; torn directories newer than those kept stay for a look."""
-    steps = sorted(
-        (step, p) for p in output_dir.glob("checkpoint-*") if p.is_dir() and (step := checkpoint_step(p)) is not None
-    )
-    intact = [step for step, p in steps if checkpoint_problem(p, check_hashes=False) is None]
+    not). final/ is never counted or removed; torn directories newer than those kept (a checkpoint
+    still being uploaded, say) stay."""
+    output_dir = StoragePath.of(output_dir)
+    names = [name for name, is_dir in output_dir.children().items() if is_dir and name.startswith("checkpoint-")]
+    stepped = [(checkpoint_step(output_dir / name), output_dir / name) for name in names]
+    steps = sorted(((step, d) for step, d in stepped if step is not None), key=lambda s: s[0])
+    intact = [step for step, d in steps if checkpoint_problem(d, check_hashes=False) is None]
     if len(intact) <= keep:
         return
     oldest_kept = intact[-keep]
-    for step, path in steps:
+    for step, directory in steps:
         if step < oldest_kept:
-            shutil.rmtree(path, ignore_errors=True)
+            directory.remove()

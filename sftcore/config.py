@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from sftcore.attention import ATTENTION_CHOICES
 from sftcore.data import TRAIN_ON
 from sftcore.dataset import VALIDATION_LINES_KEPT
 from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
+from sftcore.storage import StoragePath
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()) -> Any:
@@ -285,10 +287,10 @@ def read_config_file(path: str, only: tuple[str, ...] | None = None) -> dict[str
     return values
 
 
-def save_resolved_config(cfg: TrainConfig, output_dir: Path) -> Path:
+def save_resolved_config(cfg: TrainConfig, output_dir: str | os.PathLike | StoragePath) -> StoragePath:
     """Every option of this run, defaults included, as --config reads it: ``--config`` with this file
     (and a new --output_dir) reproduces the run."""
-    path = output_dir / RESOLVED_CONFIG_FILE
+    path = StoragePath.of(output_dir) / RESOLVED_CONFIG_FILE
     header = "# Every option of this run; `python workflows/train.py --config THIS_FILE` runs it again.\n"
     path.write_text(header + yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True, width=120))
     return path

@@ -9,13 +9,14 @@ under torchrun it runs in rank 0 itself. An event is a metrics row (a training s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from sftcore.storage import StoragePath
 from sftcore.tracking import read_metrics
 
 
@@ -121,13 +122,13 @@ class Progress:
             self.bar = None
 
 
-def summarize_run(output_dir: Path, wall_seconds: float, curve: str | None) -> str:
+def summarize_run(output_dir: str | os.PathLike | StoragePath, wall_seconds: float, curve: StoragePath | None) -> str:
     """The end of a run in a few lines: steps, time, tokens trained, best evaluation, where the model is
     and how to load it (from metrics.jsonl, which holds every step of the run once, across resumes)."""
     rows = read_metrics(output_dir)
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    final = output_dir / "final"
+    final = StoragePath.of(output_dir) / "final"
     lines = [
         f"done: {steps[-1]['step'] if steps else 0} steps, {format_duration(wall_seconds)} this launch, "
         f"{sum(r['trained_tokens'] for r in steps):,} tokens trained"
@@ -138,10 +139,15 @@ def summarize_run(output_dir: Path, wall_seconds: float, curve: str | None) -> s
             f"eval_loss {evals[-1]['eval_loss']:.4f} at the end, best {best['eval_loss']:.4f} (step {best['step']})"
         )
     lines.append(f"model: {final}" + (f"   loss curve: {curve}" if curve else ""))
+    load_from = final.uri
+    if not final.is_local:  # transformers loads from a local directory: copy the model down first
+        load_from = "final"
+        lines.append("download it:")
+        lines.append(f"    python -c \"import pyarrow.fs as fs; fs.copy_files('{final}', 'final')\"")
     lines.append("load it:")
     lines.append("    from transformers import AutoModelForCausalLM, AutoTokenizer")
     lines.append(
-        f'    model, tokenizer = AutoModelForCausalLM.from_pretrained("{final}"), '
-        f'AutoTokenizer.from_pretrained("{final}")'
+        f'    model, tokenizer = AutoModelForCausalLM.from_pretrained("{load_from}"), '
+        f'AutoTokenizer.from_pretrained("{load_from}")'
     )
     return "\n".join(lines)

@@ -23,7 +23,6 @@ import json
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,7 @@ from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
 from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
 from sftcore.sources import DataFile, line_key, open_lines, resolve_data_files, split_lines
+from sftcore.storage import StoragePath
 
 KEY_RANGE = 1 << 63  # line_key's keys are in [0, KEY_RANGE)
 VALIDATION_LINES_KEPT = 1000  # the first validation rows' (file, line), for --eval_generate_rows
@@ -300,10 +300,10 @@ def untrained_entries(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
             yield where | {"reason": reason, "message": message, "row_trained": True}
 
 
-def write_entries(entries: Iterator[dict[str, Any]], path: Path) -> None:
-    with path.open("w") as f:
+def write_entries(entries: Iterator[dict[str, Any]], path: StoragePath) -> None:
+    with path.open_output() as f:
         for entry in entries:
-            f.write(json.dumps(entry) + "\n")
+            f.write((json.dumps(entry) + "\n").encode())
 
 
 def _finish_summary(summary: DatasetSummary, train_sequences: int, packing: bool, max_seq_length: int) -> None:
@@ -387,7 +387,7 @@ def build_datasets(
     trust_remote_code: bool = False,
     packing: bool = True,
     chat_template: str | None = None,
-    rejected_file: Path | None = None,
+    rejected_file: StoragePath | None = None,
 ) -> tuple[Any, Any | None, DatasetSummary]:
     """(train dataset, validation dataset or None, summary) as Ray Datasets. Datasets hold input_ids,
     labels and token counts per sample, or with packing per pack (plus position_ids and num_rows). A
@@ -440,7 +440,7 @@ def build_sequences(
     trust_remote_code: bool = False,
     packing: bool = True,
     chat_template: str | None = None,
-    rejected_file: Path | None = None,
+    rejected_file: StoragePath | None = None,
     rank: int = 0,
     world: int = 1,
     gather: Callable[[Any], list[Any]] = lambda value: [value],

@@ -12,11 +12,13 @@ Features and limits, plainly:
   all workers), so 2 workers x batch 2 train exactly like 1 worker x batch 4.
 - Packs (or rows) are padded to the longest in each micro-batch.
 - Checkpoints every save_steps and at the end (final/), published by the runtime (reported to Ray
-  Train, or copied into output_dir by the torchrun processes); resume restores
+  Train, or copied into output_dir by the torchrun processes); output_dir may be a bucket, where
+  Ray Train uploads each checkpoint in the background while training goes on. Resume restores
   weights, optimizer, scheduler, RNG and the position in the data (bit-exact with 1 worker; with
   several, Ray Data's streaming split may hand rows to workers in another order after a restart).
 - Resume takes Ray's newest registered checkpoint (a restart after a worker failure) or else the
-  newest intact one in output_dir; a torn or corrupted checkpoint is skipped with a warning.
+  newest intact one in output_dir (downloaded from a bucket); a torn or corrupted checkpoint is
+  skipped with a warning.
 - A step whose loss or gradient norm is not finite applies no update; it is counted (skipped_steps)
   and the run stops after --max_bad_steps such steps in a row, before anything non-finite is saved.
 """
@@ -27,6 +29,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +68,7 @@ from sftcore.parallel import (
     wrap_model,
 )
 from sftcore.runtime import RayRuntime, WorkerRuntime, checkpoint_to_resume
+from sftcore.storage import StoragePath
 from sftcore.throughput import flops_per_token, peak_flops, peak_memory_gb, reset_peak_memory
 from sftcore.tracking import MetricsLogger, stable_run_id
 
@@ -270,7 +274,7 @@ class Trainer:
         self.generation_rows: list[tuple[int, dict]] = loop_config.get("generation_rows", [])
         self.runtime = runtime
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
-        self.output_dir = Path(self.cfg.output_dir)
+        self.output_dir = StoragePath.of(self.cfg.output_dir)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -455,22 +459,28 @@ class Trainer:
         name = "final" if final else f"checkpoint-{self.state.step}"
         if not all_finite(self.params):
             raise NonFiniteLossError(f"step {self.state.step}: trainable weights are not finite; not saving {name}")
+        local = Path(tempfile.mkdtemp(prefix="sftcore-ckpt-"))
+        wrote = published = False  # once its files are published, the runtime deletes local when they are stored
         try:
-            with tempfile.TemporaryDirectory(prefix="sftcore-ckpt-") as tmp:
-                wrote = self._write_checkpoint(Path(tmp), final)
-                # One manifest for the files of every worker, written by rank 0 and so uploaded by it.
-                entries = gather_objects(file_entries(Path(tmp)) if wrote else {})
-                if self.rank == 0:
-                    write_manifest(Path(tmp), {name: entry for part in entries for name, entry in part.items()})
-                self.runtime.publish(
-                    Path(tmp) if wrote else None, name, {**metrics, "step": self.state.step}, self.output_dir
-                )
+            wrote = self._write_checkpoint(local, final)
+            # One manifest for the files of every worker, written by rank 0 and so uploaded by it.
+            entries = gather_objects(file_entries(local) if wrote else {})
+            if self.rank == 0:
+                write_manifest(local, {name: entry for part in entries for name, entry in part.items()})
+            if self.metrics is not None:
+                self.metrics.sync()  # the metrics up to this checkpoint are stored with it
+            metrics = {**metrics, "step": self.state.step}
+            self.runtime.publish(local if wrote else None, name, metrics, self.output_dir, final)
+            published = True
         except OSError as e:  # the driver adds which checkpoint a rerun would continue from
             raise CheckpointWriteError(
                 f"could not write checkpoint {self.output_dir / name}: {e.strerror or e}"
                 + (f" ({e.filename})" if getattr(e, "filename", None) else "")
                 + "; free space or fix the storage, then rerun the same command"
             ) from e
+        finally:
+            if not (published and wrote):
+                shutil.rmtree(local, ignore_errors=True)
         if self.rank == 0 and not final:
             prune_checkpoints(self.output_dir, self.cfg.save_total_limit)
 

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sftcore.checkpoint import MANIFEST, checkpoint_problem, newest_checkpoint
+from sftcore.checkpoint import MANIFEST, checkpoint_problem, local_newest_checkpoint
 from sftcore.console import ConsoleFormatter, Progress
 from sftcore.dataset import columns_of
 from sftcore.parallel import barrier
+from sftcore.storage import StoragePath
 
 logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER_ROWS = 256
@@ -87,13 +88,25 @@ class RayRuntime:
         checkpoint = ray.train.get_checkpoint()
         return _as_path(checkpoint.as_directory()) if checkpoint is not None else contextlib.nullcontext()
 
-    def publish(self, local_dir: Path | None, name: str, metrics: dict[str, Any], output_dir: Path) -> None:
-        """Hand this worker's files of checkpoint `name` to Ray Train, which copies them to
-        output_dir/name (every worker's files into the one directory) and registers it."""
+    def publish(
+        self, local_dir: Path | None, name: str, metrics: dict[str, Any], output_dir: StoragePath, final: bool
+    ) -> None:
+        """Hand this worker's files of checkpoint `name` to Ray Train, which copies them to output_dir/name
+        (every worker's files into the one directory), registers it and then deletes local_dir. Into a
+        bucket the upload runs in the background and training goes on (final/ excepted: the run waits
+        for it); Ray Train keeps the reports in order and waits for the uploads before a worker exits."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         checkpoint = ray.train.Checkpoint.from_directory(local_dir) if local_dir is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        background = not output_dir.is_local and not final
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
 
 
 class _EventHandler(logging.Handler):
@@ -166,7 +179,7 @@ class TorchrunRuntime:
     """A process started by torchrun or accelerate launch (RANK, WORLD_SIZE, MASTER_ADDR in the
     environment): no Ray. Each process holds its share of the encoded sequences in memory, and
     checkpoints are copied into output_dir by the processes themselves (output_dir must be shared
-    between nodes)."""
+    between nodes, or a bucket)."""
 
     def __init__(self) -> None:
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -206,25 +219,23 @@ class TorchrunRuntime:
     def registered_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         return contextlib.nullcontext()  # no run controller: resume reads output_dir
 
-    def publish(self, local_dir: Path | None, name: str, metrics: dict[str, Any], output_dir: Path) -> None:
-        """Copy every worker's files into output_dir/name, the manifest (rank 0's) last: a crash
-        mid-copy leaves a directory that fails verification, as under Ray."""
+    def publish(
+        self, local_dir: Path | None, name: str, metrics: dict[str, Any], output_dir: StoragePath, final: bool
+    ) -> None:
+        """Copy every worker's files into output_dir/name, the manifest (rank 0's) last, then delete
+        local_dir: a crash mid-copy leaves a directory that fails verification, as under Ray."""
         destination = output_dir / name
-        if self.rank == 0 and destination.exists():
-            shutil.rmtree(destination)  # a torn copy from an earlier, crashed attempt
+        if self.rank == 0:
+            destination.remove()  # a torn copy from an earlier, crashed attempt
         barrier()
         if local_dir is not None:
-            shutil.copytree(
-                local_dir,
-                destination,
-                dirs_exist_ok=True,
-                ignore=shutil.ignore_patterns(MANIFEST),
-                copy_function=shutil.copyfile,
-            )
+            destination.upload(local_dir, skip=(MANIFEST,))
         barrier()
         if local_dir is not None and (local_dir / MANIFEST).exists():
-            shutil.copyfile(local_dir / MANIFEST, destination / MANIFEST)
+            (destination / MANIFEST).write_bytes((local_dir / MANIFEST).read_bytes())
         barrier()
+        if local_dir is not None:
+            shutil.rmtree(local_dir, ignore_errors=True)
 
     def show(self, event: dict[str, Any]) -> None:
         if self.progress is not None:
@@ -241,9 +252,9 @@ WorkerRuntime = RayRuntime | TorchrunRuntime
 
 
 @contextlib.contextmanager
-def checkpoint_to_resume(runtime: WorkerRuntime, output_dir: Path, resume: str) -> Iterator[Path | None]:
+def checkpoint_to_resume(runtime: WorkerRuntime, output_dir: StoragePath, resume: str) -> Iterator[Path | None]:
     """The directory to resume from (or None): the runtime's registered checkpoint if intact, else the
-    newest intact one in output_dir (resume auto, or a restart after a failure)."""
+    newest intact one in output_dir (resume auto, or a restart after a failure), downloaded if need be."""
     with runtime.registered_checkpoint() as registered:
         if registered is not None:
             problem = checkpoint_problem(registered)
@@ -253,4 +264,8 @@ def checkpoint_to_resume(runtime: WorkerRuntime, output_dir: Path, resume: str) 
             logger.warning(
                 "the registered checkpoint %s is unusable (%s); looking for an older one", registered, problem
             )
-        yield None if resume == "never" and registered is None else newest_checkpoint(output_dir)
+        if resume == "never" and registered is None:
+            yield None
+            return
+        with local_newest_checkpoint(output_dir) as newest:
+            yield newest

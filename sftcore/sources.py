@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sftcore.data import DataError, LineResult, parse_line
+from sftcore.storage import GLOB_CHARS, filesystem_of, first_line
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2")  # what a directory or a ** glob picks up
-_GLOB_CHARS = "*?["
 _READ_BYTES = 1 << 20
 
 
@@ -43,23 +42,10 @@ def split_data_path(data_path: str) -> list[str]:
 
 
 def _filesystem(source: str) -> tuple[Any, str, str]:
-    """(filesystem, path within it, prefix that turns such a path back into the user's form)."""
-    import pyarrow.fs as pafs
-
-    scheme, sep, rest = source.partition("://")
-    if not sep or len(scheme) < 2:  # a plain path (or a Windows drive letter)
-        return pafs.LocalFileSystem(), os.path.abspath(source), ""
-    glob_at = min((rest.find(c) for c in _GLOB_CHARS if c in rest), default=-1)
-    root = source if glob_at < 0 else f"{scheme}://{rest[:glob_at]}"
     try:
-        filesystem, _ = pafs.FileSystem.from_uri(root)
-    except Exception as e:  # pyarrow raises ArrowInvalid / OSError / ValueError for unknown schemes and bad URIs
-        raise DataError(f"{source}: cannot open this URI ({_first_line(e)})", "unreadable_file") from None
-    return filesystem, rest, f"{scheme}://"
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return filesystem_of(source)
+    except ValueError as e:
+        raise DataError(f"{source}: cannot open this URI ({e})", "unreadable_file") from None
 
 
 def _listed(filesystem: Any, base: str, source: str) -> list[Any]:
@@ -69,7 +55,7 @@ def _listed(filesystem: Any, base: str, source: str) -> list[Any]:
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     except Exception as e:  # pyarrow maps permission, network and credential errors to OSError subclasses
-        raise DataError(f"{source}: cannot be listed ({_first_line(e)})", "unreadable_file") from None
+        raise DataError(f"{source}: cannot be listed ({first_line(e)})", "unreadable_file") from None
     return sorted((i for i in infos if i.is_file), key=lambda i: i.path)
 
 
@@ -91,8 +77,8 @@ def _resolve_one(source: str) -> list[DataFile]:
 
     filesystem, path, prefix = _filesystem(source)
     local = filesystem.type_name == "local"
-    if any(c in path for c in _GLOB_CHARS):
-        fixed = path[: min(path.find(c) for c in _GLOB_CHARS if c in path)].rpartition("/")[0]
+    if any(c in path for c in GLOB_CHARS):
+        fixed = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rpartition("/")[0]
         found = [i for i in _listed(filesystem, fixed or "/", source) if glob_matches(path, i.path)]
         if not found:
             raise DataError(f"{source}: no file matches", "missing_file")
@@ -100,7 +86,7 @@ def _resolve_one(source: str) -> list[DataFile]:
         try:
             info = filesystem.get_file_info(path)
         except Exception as e:  # as in _listed
-            raise DataError(f"{source}: cannot be read ({_first_line(e)})", "unreadable_file") from None
+            raise DataError(f"{source}: cannot be read ({first_line(e)})", "unreadable_file") from None
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"{source}: no such file", "missing_file")
         if info.type != pafs.FileType.Directory:
@@ -151,7 +137,7 @@ def open_lines(file: DataFile) -> Iterator[tuple[int, bytes]]:
         with file.filesystem.open_input_stream(file.path, compression="detect") as stream:
             yield from split_lines(stream)
     except OSError as e:
-        raise DataError(f"{file.name}: cannot be read ({_first_line(e)})", "unreadable_file") from None
+        raise DataError(f"{file.name}: cannot be read ({first_line(e)})", "unreadable_file") from None
 
 
 def read_jsonl(data_path: str) -> Iterator[LineResult]:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -222,9 +223,22 @@ def s3_bucket(monkeypatch):
         "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
         monkeypatch.setenv(name, value)
+    # moto keeps its buckets in this process's memory, across servers: start each test from none
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
     client = boto3.client("s3")
     client.create_bucket(Bucket="trajectories")
     try:
         yield client, "trajectories"
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["local", "bucket"])
+def output_dir(request, tmp_path):
+    """An empty OUTPUT_DIR as a StoragePath: a local directory, or a prefix in a real S3 server's bucket."""
+    from sftcore.storage import StoragePath
+
+    if request.param == "local":
+        return StoragePath.of(tmp_path / "run")
+    _, bucket = request.getfixturevalue("s3_bucket")
+    return StoragePath.of(f"s3://{bucket}/runs/run")

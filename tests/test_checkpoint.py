@@ -16,11 +16,13 @@ from sftcore.checkpoint import (
     TrainerState,
     checkpoint_problem,
     load_training_state,
+    local_newest_checkpoint,
     newest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     write_manifest,
 )
+from sftcore.storage import StoragePath
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +66,46 @@ def test_missing_short_or_altered_files_are_each_detected(tmp_path, parts):
     assert "no manifest.json" in checkpoint_problem(tmp_path / "no_manifest")
 
 
-def test_newest_checkpoint_skips_torn_ones_and_prune_keeps_the_newest_intact(tmp_path, parts, caplog):
+def publish(output_dir: StoragePath, name: str, parts, step: int, tmp_path) -> StoragePath:
+    """A checkpoint written locally, then copied into output_dir as the runtimes copy it."""
+    write(tmp_path / "staging" / name, parts, step)
+    (output_dir / name).upload(tmp_path / "staging" / name)
+    return output_dir / name
+
+
+def test_newest_checkpoint_skips_torn_ones_and_prune_keeps_the_newest_intact(output_dir, tmp_path, parts, caplog):
     for step in (2, 4, 6):
-        write(tmp_path / f"checkpoint-{step}", parts, step)
-    (tmp_path / "checkpoint-6" / MANIFEST).unlink()
-    (tmp_path / "checkpoint-8").mkdir()  # an upload that never got a file in
-    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
-    assert "skipping checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+        publish(output_dir, f"checkpoint-{step}", parts, step, tmp_path)
+    (output_dir / "checkpoint-6" / MANIFEST).remove()
+    (output_dir / "checkpoint-8" / "config.json").write_text("{}")  # an upload cut off after its first file
+    assert newest_checkpoint(output_dir) == output_dir / "checkpoint-4"
+    assert f"skipping checkpoint {output_dir / 'checkpoint-6'}" in caplog.text
 
-    write(tmp_path / "final", parts, 10)
-    assert newest_checkpoint(tmp_path) == tmp_path / "final"
+    publish(output_dir, "final", parts, 10, tmp_path)
+    assert newest_checkpoint(output_dir) == output_dir / "final"
 
-    prune_checkpoints(tmp_path, keep=1)  # the newest intact checkpoint-N is 4: everything older goes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8", "final"]
+    prune_checkpoints(output_dir, keep=1)  # the newest intact checkpoint-N is 4: everything older goes
+    assert sorted(output_dir.children()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8", "final"]
+
+
+def test_a_checkpoint_in_a_bucket_is_checked_by_size_there_and_by_hash_once_downloaded(
+    s3_bucket, tmp_path, parts, caplog
+):
+    _, bucket = s3_bucket
+    output_dir = StoragePath.of(f"s3://{bucket}/runs/run")
+    publish(output_dir, "checkpoint-2", parts, 2, tmp_path)
+    newest = publish(output_dir, "checkpoint-4", parts, 4, tmp_path)
+    state = bytearray((newest / TRAINING_STATE).read_bytes())
+    state[100] ^= 1  # bit rot in the bucket: same size, wrong bytes
+    (newest / TRAINING_STATE).write_bytes(bytes(state))
+
+    assert newest_checkpoint(output_dir) == newest  # sizes only: no download on the driver
+    assert checkpoint_problem(newest) == f"{TRAINING_STATE} is corrupted (sha256 mismatch)"
+    with local_newest_checkpoint(output_dir) as local:
+        assert local is not None and local.name == "checkpoint-2" and local.is_dir()
+        assert checkpoint_problem(local) is None
+    assert not local.exists()  # the downloaded copy is gone with the block
+    assert f"skipping checkpoint {newest} (step 4): {TRAINING_STATE} is corrupted" in caplog.text
 
 
 class _Payload:

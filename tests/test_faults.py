@@ -23,7 +23,9 @@ import psutil
 import pytest
 from conftest import COMMON, DATA, REPO, losses, save_tiny_model, train, train_command, train_env
 
-from sftcore.tracking import ROLLED_BACK_FILE, stable_run_id
+from sftcore.checkpoint import checkpoint_problem, checkpoint_step, newest_checkpoint
+from sftcore.storage import StoragePath
+from sftcore.tracking import ROLLED_BACK_FILE, read_metrics, stable_run_id
 
 pytestmark = pytest.mark.slow
 
@@ -420,3 +422,51 @@ def test_unusable_paths_are_one_line_errors(tmp_path):
             )
         finally:
             shutil.rmtree(shared)
+
+
+def test_a_run_in_a_bucket_is_killed_then_resumes_from_the_bucket_and_writes_final_there(
+    tmp_path, tiny_model, s3_bucket
+):
+    """--data_path s3://.../*.jsonl --output_dir s3://.../run on a real S3 server: Ray Train uploads the
+    checkpoints (in the background), the driver is killed mid-run, and the same command continues from
+    the newest checkpoint in the bucket and writes final/ there, with the losses of an uninterrupted run."""
+    client, bucket = s3_bucket
+    rows = (DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()
+    for part, lines in enumerate((rows[:20], rows[20:])):
+        client.put_object(Bucket=bucket, Key=f"data/part-{part}.jsonl", Body="\n".join(lines).encode())
+    run = StoragePath.of(f"s3://{bucket}/runs/first")
+    args = [*RUN, "--data_path", f"s3://{bucket}/data/*.jsonl", "--model_name_or_path", tiny_model]
+    args += ["--report_to", "none", "--output_dir", run.uri]  # the last --output_dir wins
+    proc, log = launch(tmp_path / "launch", args)
+    try:
+        deadline = time.monotonic() + 300
+        while newest_checkpoint(run) is None or checkpoint_step(newest_checkpoint(run)) < 8:
+            assert proc.poll() is None, f"run ended before checkpoint-8 was stored:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint-8 in the bucket after 300s"
+            time.sleep(0.2)
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        time.sleep(3)
+    finally:
+        proc.kill()
+        kill_leftovers(ray_processes)
+    assert not (run / "final").exists()
+
+    again = train(tmp_path / "launch", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed_from = newest_checkpoint(run)  # final/ now; the line names the checkpoint it continued from
+    assert resumed_from == run / "final"
+    assert f"continuing from {run}/checkpoint-" in again.stderr
+    assert checkpoint_problem(run / "final") is None  # hashes too, read back from the bucket
+    assert (run / "final" / "model.safetensors").is_file()
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps == list(range(1, 17))  # each step once, across both launches
+    assert (run / "train_config.yaml").is_file()
+    reference = train(tmp_path / "reference", *args[:-1], str(tmp_path / "reference"))  # same data, uninterrupted
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = losses(tmp_path / "reference")
+    for step, loss in ((r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r):
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+    assert not (REPO / "s3:").exists() and not (tmp_path / "launch").exists()  # nothing of the run written locally
+    assert f"model: {run}/final" in again.stdout

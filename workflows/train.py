@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
@@ -27,6 +26,7 @@ from sftcore.dataset import DatasetSummary
 from sftcore.models import load_tokenizer
 from sftcore.runtime import TorchrunRuntime, relay_events
 from sftcore.sources import read_jsonl, resolve_data_files
+from sftcore.storage import StoragePath, first_line
 from sftcore.templates import load_chat_template, template_support
 from sftcore.tracking import plot_loss_curve
 
@@ -46,7 +46,7 @@ class TrainingFailed(Exception):
     """Training started and failed (after any restarts --max_failures allowed); exit code 1."""
 
 
-def training_failure_message(failures: dict[int, BaseException], output_dir: Path, fallback: str = "") -> str:
+def training_failure_message(failures: dict[int, BaseException], output_dir: StoragePath, fallback: str = "") -> str:
     """The root cause on each failed worker, in one line each, plus where the run can continue from."""
     causes = [f"worker {rank}: {type(e).__name__}: {e}" for rank, e in sorted(failures.items())] or [fallback]
     resume = newest_checkpoint(output_dir)
@@ -57,21 +57,21 @@ def training_failure_message(failures: dict[int, BaseException], output_dir: Pat
 PROBE_PREFIX = ".sftcore-probe-"  # short-lived files the driver (or each torchrun process) writes to test output_dir
 
 
-def check_output_dir(cfg: TrainConfig) -> Path:
-    output_dir = Path(cfg.output_dir).resolve()
-    if cfg.output_dir.partition("://")[1]:
-        raise UsageError(
-            f"--output_dir {cfg.output_dir}: URIs are not supported yet; mount the bucket or shared file system on "
-            "every node (NFS, EFS, Filestore, gcsfuse, mountpoint-s3) and pass its path (see cluster/README.md)"
-        )
+def check_output_dir(cfg: TrainConfig) -> StoragePath:
+    """--output_dir, a directory or a bucket URI, made and probed with a short-lived file."""
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = StoragePath.of(cfg.output_dir)
+    except ValueError as e:
+        raise UsageError(f"--output_dir {cfg.output_dir}: cannot open this URI ({e})") from None
+    try:
+        output_dir.mkdir()
         probe = output_dir / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         probe.write_text("")
-        probe.unlink()
+        probe.remove()
+        entries = output_dir.children()
     except OSError as e:
-        raise UsageError(f"--output_dir {cfg.output_dir} is not writable ({e.strerror})") from None
-    if cfg.resume == "never" and any(not p.name.startswith(PROBE_PREFIX) for p in output_dir.iterdir()):
+        raise UsageError(f"--output_dir {cfg.output_dir} is not writable ({e.strerror or first_line(e)})") from None
+    if cfg.resume == "never" and any(not name.startswith(PROBE_PREFIX) for name in entries):
         raise UsageError(
             f"--output_dir {cfg.output_dir} is not empty and --resume never was given; "
             "choose a new directory or drop --resume never to continue the run there"
@@ -131,22 +131,22 @@ def _ray_log_dir() -> str:
         return "/tmp/ray/session_latest/logs"
 
 
-def check_output_dir_is_shared(output_dir: Path) -> None:
+def check_output_dir_is_shared(output_dir: StoragePath) -> None:
     """On a cluster of several nodes, every node must see output_dir: Ray Train writes checkpoints from
     the workers' nodes, and a restarted worker reads them from wherever it lands. A file the driver
-    writes there must be visible from each node."""
+    writes there must be visible from each node (a bucket is, by its URI)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    if len(nodes) < 2:
+    if len(nodes) < 2 or not output_dir.is_local:
         return
 
     @ray.remote(num_cpus=0)
     def visible(path: str) -> bool:
         return os.path.exists(path)
 
-    marker = output_dir / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    marker = output_dir.local_path / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
     marker.write_text("")
     try:
         seen = {
@@ -181,7 +181,7 @@ def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
     return steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.num_epochs
 
 
-def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> None:
+def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: StoragePath, speak: bool) -> None:
     """Say what is not trained (build_datasets / build_sequences wrote each line, turn or piece of text to
     rejected_rows.jsonl); stop on malformed rows unless --on_bad_rows skip. Rows that are valid but yield
     nothing to train (too long, nothing marked for training) and text lost from trained rows are
@@ -227,7 +227,7 @@ def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path
         )
 
 
-def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Path, speak: bool) -> dict[str, Any]:
+def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: StoragePath, speak: bool) -> dict[str, Any]:
     """Report (speak: this process is the one that logs and writes) what became of every line, stop on
     bad rows unless skipping them, and plan the run: the per-worker loop's config."""
     report_untrained(cfg, summary, output_dir, speak)
@@ -300,8 +300,8 @@ def generation_rows(cfg: TrainConfig, summary: DatasetSummary) -> list[tuple[int
     return found
 
 
-def finish(output_dir: Path, started: float) -> None:
-    curve = plot_loss_curve(str(output_dir))
+def finish(output_dir: StoragePath, started: float) -> None:
+    curve = plot_loss_curve(output_dir)
     print(summarize_run(output_dir, time.monotonic() - started, curve), flush=True)
 
 
@@ -338,12 +338,12 @@ def check_chat_template(cfg: TrainConfig) -> None:
         raise UsageError(f"--model_name_or_path {cfg.model_name_or_path}: {e}") from None
 
 
-def prepare(cfg: TrainConfig) -> Path:
+def prepare(cfg: TrainConfig) -> StoragePath:
     resolve_data_files(cfg.data_path)  # fail in a second, not after Ray or the process group has started
     if cfg.chat_template:  # workers get the template's text: they may not see the file (other nodes, other cwd)
         cfg.chat_template = load_chat_template(cfg.chat_template)
     output_dir = check_output_dir(cfg)
-    cfg.output_dir = str(output_dir)  # workers do not share the driver's working directory
+    cfg.output_dir = output_dir.uri  # absolute: workers do not share the driver's working directory
     check_chat_template(cfg)
     return output_dir
 
@@ -377,7 +377,7 @@ def run(cfg: TrainConfig, started: float) -> int:
     )
     loop_config = account_for_data(cfg, summary, output_dir, speak=True)
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
-    (output_dir / RAY_RUN_SNAPSHOT).unlink(missing_ok=True)
+    (output_dir / RAY_RUN_SNAPSHOT).remove()
     waiting_for = f"{cfg.num_workers} x {worker_resources}"
     logger.info("training: %s, %d steps", waiting_for, loop_config["total_steps"])
     with relay_events(Progress(loop_config["total_steps"]), waiting_for) as events:
@@ -388,7 +388,7 @@ def run(cfg: TrainConfig, started: float) -> int:
 
 def fit(
     cfg: TrainConfig,
-    output_dir: Path,
+    output_dir: StoragePath,
     loop_config: dict[str, Any],
     datasets: dict[str, Any],
     use_gpu: bool,
@@ -411,7 +411,8 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=output_dir.name,
-            storage_path=str(output_dir.parent),
+            storage_path=output_dir.parent.path,
+            storage_filesystem=None if output_dir.is_local else output_dir.filesystem,
             # retention is ours (prune_checkpoints): Ray's num_to_keep would count final/ as a checkpoint
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
