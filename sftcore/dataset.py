@@ -20,6 +20,7 @@ import bisect
 import functools
 import hashlib
 import json
+import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -300,8 +301,8 @@ def untrained_entries(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
             yield where | {"reason": reason, "message": message, "row_trained": True}
 
 
-def write_entries(entries: Iterator[dict[str, Any]], path: StoragePath) -> None:
-    with path.open_output() as f:
+def write_entries(entries: Iterator[dict[str, Any]], path: str | os.PathLike | StoragePath) -> None:
+    with StoragePath.of(path).open_output() as f:
         for entry in entries:
             f.write((json.dumps(entry) + "\n").encode())
 
@@ -387,7 +388,7 @@ def build_datasets(
     trust_remote_code: bool = False,
     packing: bool = True,
     chat_template: str | None = None,
-    rejected_file: StoragePath | None = None,
+    rejected_file: str | os.PathLike | StoragePath | None = None,
 ) -> tuple[Any, Any | None, DatasetSummary]:
     """(train dataset, validation dataset or None, summary) as Ray Datasets. Datasets hold input_ids,
     labels and token counts per sample, or with packing per pack (plus position_ids and num_rows). A
@@ -440,7 +441,7 @@ def build_sequences(
     trust_remote_code: bool = False,
     packing: bool = True,
     chat_template: str | None = None,
-    rejected_file: StoragePath | None = None,
+    rejected_file: str | os.PathLike | StoragePath | None = None,
     rank: int = 0,
     world: int = 1,
     gather: Callable[[Any], list[Any]] = lambda value: [value],

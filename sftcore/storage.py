@@ -107,7 +107,10 @@ class StoragePath:
         return self._type() == pafs.FileType.File
 
     def mkdir(self) -> None:
-        self.filesystem.create_dir(self.path, recursive=True)
+        if self.is_local:  # the OS's own error (strerror) when it cannot be made
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+        else:
+            self.filesystem.create_dir(self.path, recursive=True)
 
     def read_bytes(self) -> bytes:
         """The whole file; FileNotFoundError if there is none."""

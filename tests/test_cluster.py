@@ -42,7 +42,10 @@ def test_autoscaler_configs_pass_rays_own_validation(name):
     assert workers and all(node["min_workers"] == 0 and node["max_workers"] >= 1 for node in workers.values())
     setup = " ".join(config["setup_commands"])
     assert "-e ~/sft-trajectory" in setup and config["file_mounts"]["~/sft-trajectory"] == "."
-    assert "/mnt/shared" in setup  # shared storage for --output_dir on every node
+    # checkpoints and data go to a bucket: every worker reaches it with the head's cloud identity
+    for node in workers.values():
+        identity = node["node_config"].get("IamInstanceProfile") or node["node_config"]["serviceAccounts"][0]
+        assert identity in ({"Name": "ray-autoscaler-v1"},) or identity["email"].startswith("ray-autoscaler-sa-v1@")
 
 
 def test_rayjob_manifest_names_a_valid_entrypoint_and_installs_the_project():
