@@ -29,13 +29,17 @@ class TrainConfig:
     data_path: str = _opt(
         None,
         "{input, output} trajectory rows (required): JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), directories of "
-        "them, globs ('data/**/*.jsonl') or URIs (s3://, gs://, any pyarrow filesystem), comma-separated",
+        "them, globs ('data/**/*.jsonl') or URIs (s3://, gs://, any pyarrow filesystem), comma-separated; "
+        "'SOURCE:WEIGHT' trains that source's rows WEIGHT times per epoch (0.5: a seeded half of them)",
     )
     model_name_or_path: str = _opt(
         "Qwen/Qwen2.5-0.5B-Instruct",
         "hub id, local HF directory, or the bundled offline model 'smollm2-135m-instruct'",
     )
-    output_dir: str = _opt("checkpoints/sft", "where checkpoint-{step}/, final/ and metrics.jsonl land")
+    output_dir: str = _opt(
+        "checkpoints/sft",
+        "where checkpoint-{step}/, final/ and metrics.jsonl land: a directory, or a bucket URI (s3://, gs://)",
+    )
     use_lora: bool = _opt(False, "train a LoRA adapter instead of all weights")
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(32, "LoRA alpha")

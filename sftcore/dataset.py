@@ -46,9 +46,14 @@ class DatasetSummary(LineCounts):
     train_rows: int = 0
     validation_rows: int = 0
     train_samples: int = 0
+    validation_samples: int = 0
     train_tokens: int = 0
     train_trained_tokens: int = 0
     train_sequences: int = 0  # what a worker iterates over: packs, or samples without packing
+    # training rows a mixing weight below 1 left out (sampling_copies 0); train_samples and the train
+    # tokens count each row as often as its weight has it trained
+    unsampled_rows: int = 0
+    weights: dict[str, float] | None = None  # each file's mixing weight, when one is not 1
     # the first VALIDATION_LINES_KEPT validation rows as (file, line), in file and line order
     validation_lines: list[tuple[str, int]] = field(default_factory=list)
     packing_efficiency: float | None = None  # real tokens / (packs x max_seq_length)
@@ -60,12 +65,16 @@ class DatasetSummary(LineCounts):
     def merge(self, other: LineCounts) -> None:
         super().merge(other)
         assert isinstance(other, DatasetSummary)
-        for key in ("train_rows", "validation_rows", "train_samples", "train_tokens", "train_trained_tokens"):
+        for key in (*_SPLIT_COUNTS, "unsampled_rows"):
             setattr(self, key, getattr(self, key) + getattr(other, key))
         self.validation_lines = sorted(self.validation_lines + other.validation_lines)[:VALIDATION_LINES_KEPT]
         candidates = [row for row in (self.lowest, self.highest, other.lowest, other.highest) if row]
         self.lowest = min(candidates, key=_row_key, default=None)
         self.highest = max(candidates, key=_row_key, default=None)
+
+
+_SPLIT_COUNTS = ("train_rows", "validation_rows", "train_samples", "validation_samples", "train_tokens")
+_SPLIT_COUNTS += ("train_trained_tokens",)
 
 
 def _row_key(row: dict[str, Any]) -> tuple[int, str, int]:
@@ -232,9 +241,12 @@ def validation_threshold(validation_split: float) -> int:
     return int(max(0.0, min(1.0, validation_split)) * KEY_RANGE)
 
 
-def count_lines(rows: list[dict[str, Any]], threshold: int, path: str) -> DatasetSummary:
+def count_lines(
+    rows: list[dict[str, Any]], threshold: int, path: str, weights: dict[str, float] | None = None
+) -> DatasetSummary:
     """The summary of these lines' status rows: what each line became, and the train / validation
-    split for a key threshold. Summaries of disjoint parts merge into the summary of the whole."""
+    split for a key threshold (a training row counted as often as its file's weight has it trained).
+    Summaries of disjoint parts merge into the summary of the whole."""
     summary = DatasetSummary(path=path)
     for row in sorted(rows, key=lambda row: (row["file"], row["line"])):
         file, line = str(row["file"]), int(row["line"])
@@ -244,8 +256,10 @@ def count_lines(rows: list[dict[str, Any]], threshold: int, path: str) -> Datase
             summary.reject(file, line, DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
         else:
             summary.add_row(file, line, row | {"omissions": json.loads(row["omissions"])})
-            stats = {"key": int(row["key"]), "file": file, "line": line}
-            stats |= {key: int(row[key]) for key in ("samples", "tokens", "trained_tokens")}
+            key = int(row["key"])
+            stats = {"key": key, "file": file, "line": line, "weighted": weights is not None}
+            stats["copies"] = sampling_copies(key, weights[file]) if weights else 1
+            stats |= {name: int(row[name]) for name in ("samples", "tokens", "trained_tokens")}
             _count_split(summary, stats, threshold)
     return summary
 
@@ -254,16 +268,21 @@ def _count_split(summary: DatasetSummary, row: dict[str, Any], threshold: int, s
     """Count (sign 1) or uncount (sign -1) a trained row on its side of the split."""
     if row["key"] < threshold:
         summary.validation_rows += sign
+        summary.validation_samples += sign * row["samples"]
         if sign > 0:
             bisect.insort(summary.validation_lines, (row["file"], row["line"]))
             del summary.validation_lines[VALIDATION_LINES_KEPT:]
         else:
             summary.validation_lines.remove((row["file"], row["line"]))
     else:
+        copies = sign * row["copies"]
         summary.train_rows += sign
-        summary.train_samples += sign * row["samples"]
-        summary.train_tokens += sign * row["tokens"]
-        summary.train_trained_tokens += sign * row["trained_tokens"]
+        summary.unsampled_rows += sign * (row["copies"] == 0)
+        summary.train_samples += copies * row["samples"]
+        summary.train_tokens += copies * row["tokens"]
+        summary.train_trained_tokens += copies * row["trained_tokens"]
+        if row["weighted"]:  # each file's share of the training samples, for the weights' report
+            summary.files[row["file"]]["train_samples"] += copies * row["samples"]
     if sign > 0:
         summary.lowest = min(filter(None, (summary.lowest, row)), key=_row_key)
         summary.highest = max(filter(None, (summary.highest, row)), key=_row_key)
@@ -286,9 +305,42 @@ def settle_split(summary: DatasetSummary, threshold: int, validation_split: floa
     return new_threshold
 
 
-def _summarize_status(batch: dict[str, np.ndarray], threshold: int, path: str) -> dict[str, Any]:
+def _summarize_status(
+    batch: dict[str, np.ndarray], threshold: int, path: str, weights: dict[str, float] | None
+) -> dict[str, Any]:
     """Ray Data task: a batch of status rows as one pickled partial summary."""
-    return {"summary": [pickle.dumps(count_lines(rows_of(batch), threshold, path))]}
+    return {"summary": [pickle.dumps(count_lines(rows_of(batch), threshold, path, weights))]}
+
+
+def file_weights(files: list[DataFile]) -> dict[str, float] | None:
+    """Each file's mixing weight by name; None when every weight is 1 (no weighing to do)."""
+    return {f.name: f.weight for f in files} if any(f.weight != 1 for f in files) else None
+
+
+def sampling_copies(key: int, weight: float) -> int:
+    """How many times a training row is trained per epoch under its source's mixing weight: the whole
+    part of the weight, plus one more for a seeded share of the rows equal to the fractional part (so
+    a weight of 0.5 trains about half the rows, 2.5 trains every row twice and half of them thrice)."""
+    whole = int(weight)
+    if weight == whole:
+        return whole
+    draw = int.from_bytes(hashlib.blake2b(f"{key}\0copies".encode(), digest_size=8).digest(), "big") / 2**64
+    return whole + (draw < weight - whole)
+
+
+def weigh_samples(batch: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, Any]:
+    """Ray Data task: each training sample as many times as sampling_copies says; every copy after the
+    first gets a key of its own, so copies land in other packing windows and packs, and train at other steps."""
+    rows = []
+    for row in rows_of(batch):
+        key = int(row["key"])
+        for copy in range(sampling_copies(key, weights.get(str(row["file"]), 1.0))):
+            rows.append(row if copy == 0 else row | {"key": _copy_key(key, copy)})
+    return columns_of(rows) if rows else {k: v[:0] for k, v in batch.items()}
+
+
+def _copy_key(key: int, copy: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{copy}".encode(), digest_size=8).digest(), "big") >> 1
 
 
 def untrained_entries(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -412,7 +464,8 @@ def build_datasets(
     status = encoded.filter(expr=col("sample") == 0).select_columns(STATUS_COLUMNS)
     threshold = validation_threshold(validation_split)
     summary = DatasetSummary(path=data_path)
-    parts = status.map_batches(_summarize_status, fn_args=(threshold, data_path), batch_size=4096)
+    weights = summary.weights = file_weights(files)
+    parts = status.map_batches(_summarize_status, fn_args=(threshold, data_path, weights), batch_size=4096)
     for part in parts.iter_rows():
         summary.merge(pickle.loads(part["summary"]))
     threshold = settle_split(summary, threshold, validation_split)
@@ -423,11 +476,14 @@ def build_datasets(
 
     valid = encoded.filter(expr=(col("error_reason") == "") & ~col("blank"))
     budget = options.max_seq_length if packing else None
-    train = _windowed(valid.filter(expr=col("key") >= threshold), summary.train_samples, budget).materialize()
+    training = valid.filter(expr=col("key") >= threshold)
+    if weights:
+        training = training.map_batches(weigh_samples, fn_args=(weights,), batch_format="numpy")
+    train = _windowed(training, summary.train_samples, budget).materialize()
     validation = None
     if summary.validation_rows:
-        validation_samples = summary.samples - summary.train_samples
-        validation = _windowed(valid.filter(expr=col("key") < threshold), validation_samples, budget).materialize()
+        held_out = valid.filter(expr=col("key") < threshold)
+        validation = _windowed(held_out, summary.validation_samples, budget).materialize()
     _finish_summary(summary, train.count(), packing, options.max_seq_length)
     return train, validation, summary
 
@@ -461,14 +517,19 @@ def build_sequences(
         (row for part in gather(mine) for row in part), key=lambda r: (file_order[r["file"]], r["line"], r["sample"])
     )
     status = [{k: row[k] for k in STATUS_COLUMNS} for row in rows if row["sample"] == 0]
-    summary = count_lines(status, validation_threshold(validation_split), data_path)
+    weights = file_weights(files)
+    summary = count_lines(status, validation_threshold(validation_split), data_path, weights)
+    summary.weights = weights
     threshold = settle_split(summary, validation_threshold(validation_split), validation_split)
     if rejected_file is not None and rank == 0 and (summary.rejected_counts or summary.omission_counts):
         write_entries(untrained_entries(iter(status)), rejected_file)
 
     valid = [row for row in rows if not row["error_reason"] and not row["blank"]]
     budget = options.max_seq_length if packing else None
-    train = _windowed_lists([row for row in valid if row["key"] >= threshold], budget)
+    training = [row for row in valid if row["key"] >= threshold]
+    if weights and training:
+        training = rows_of(weigh_samples(columns_of(training), weights))
+    train = _windowed_lists(training, budget)
     validation = _windowed_lists([row for row in valid if row["key"] < threshold], budget) or None
     _finish_summary(summary, len(train), packing, options.max_seq_length)
     return train, validation, summary

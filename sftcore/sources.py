@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,18 +28,33 @@ class DataFile:
     path: str  # within its filesystem
     filesystem: Any  # pyarrow.fs.FileSystem (picklable: read tasks on other nodes open it themselves)
     size: int
+    weight: float = 1.0  # how many times each of its training rows is trained per epoch (sampling_copies)
 
     @property
     def is_local(self) -> bool:
         return self.filesystem.type_name == "local"
 
 
-def split_data_path(data_path: str) -> list[str]:
-    """--data_path as its sources: comma-separated files, directories, globs or URIs."""
-    sources = [part.strip() for part in data_path.split(",") if part.strip()]
+def split_data_path(data_path: str) -> list[tuple[str, float]]:
+    """--data_path as its sources: comma-separated files, directories, globs or URIs, each with an
+    optional mixing weight after a last colon (``data/tau/:2``, ``s3://bucket/web/*.jsonl:0.5``)."""
+    sources = [_weighted(part.strip()) for part in data_path.split(",") if part.strip()]
     if not sources:
         raise DataError("--data_path names no file", "missing_file")
     return sources
+
+
+def _weighted(source: str) -> tuple[str, float]:
+    location, colon, weight = source.rpartition(":")
+    if not colon or "/" in weight or not location or location.endswith(":"):  # no weight: "a.jsonl", "s3://x"
+        return source, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return source, 1.0  # a colon in a file name
+    if not math.isfinite(value) or value <= 0:
+        raise DataError(f"{source}: the weight after ':' must be a number above 0, not {weight}", "missing_file")
+    return location, value
 
 
 def _filesystem(source: str) -> tuple[Any, str, str]:
@@ -72,7 +88,7 @@ def _match(pattern: list[str], parts: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
 
 
-def _resolve_one(source: str) -> list[DataFile]:
+def _resolve_one(source: str, weight: float) -> list[DataFile]:
     import pyarrow.fs as pafs
 
     filesystem, path, prefix = _filesystem(source)
@@ -90,20 +106,25 @@ def _resolve_one(source: str) -> list[DataFile]:
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"{source}: no such file", "missing_file")
         if info.type != pafs.FileType.Directory:
-            return [DataFile(source, path, filesystem, info.size)]
+            return [DataFile(source, path, filesystem, info.size, weight)]
         found = [i for i in _listed(filesystem, path, source) if i.path.endswith(JSONL_SUFFIXES)]
         if not found:
             raise DataError(f"{source}: a directory with no {', '.join(JSONL_SUFFIXES)} file in it", "missing_file")
-    return [DataFile(i.path if local else prefix + i.path, i.path, filesystem, i.size) for i in found]
+    return [DataFile(i.path if local else prefix + i.path, i.path, filesystem, i.size, weight) for i in found]
 
 
 def resolve_data_files(data_path: str) -> list[DataFile]:
     """Every file --data_path names, in the order given (a directory's or a glob's files sorted by
     path), each once; a DataError names the source that is missing, unreadable, or matches nothing."""
     files: dict[str, DataFile] = {}
-    for source in split_data_path(data_path):
-        for file in _resolve_one(source):
-            files.setdefault(file.name, file)
+    for source, weight in split_data_path(data_path):
+        for file in _resolve_one(source, weight):
+            first = files.setdefault(file.name, file)
+            if first.weight != file.weight:
+                raise DataError(
+                    f"{file.name}: named twice in --data_path, with weights {first.weight:g} and {file.weight:g}",
+                    "missing_file",
+                )
     for file in files.values():
         if file.is_local:  # cheap here; a bucket's files are opened by the read tasks
             try:

@@ -75,15 +75,15 @@ def on_both_paths(world: int, **options) -> tuple[list, list, object]:
 
 
 @pytest.mark.slow  # starts a real local Ray
-@pytest.mark.parametrize("packing", [True, False])
-def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
+@pytest.mark.parametrize("packing,weight", [(True, ""), (False, ""), (True, ":1.5")])
+def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing, weight):
     lines = (DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()[:80]
     lines[10] = '{"input": "no output field"}'
     lines[20] = ""
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(lines) + "\n")
     options = {
-        "data_path": str(data),
+        "data_path": str(data) + weight,
         "model_name_or_path": "smollm2-135m-instruct",
         "options": EncodeOptions(max_seq_length=1024),
         "validation_split": 0.1,
@@ -93,6 +93,8 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing):
     _, _, summary = on_both_paths(2, **options)
     assert summary.lines == 80 and summary.blank_lines == 1 and [r["line"] for r in summary.rejected] == [11]
     assert summary.train_rows + summary.validation_rows == summary.rows == 78
+    if weight:  # every training row once, and about half of them twice
+        assert summary.train_rows * 1.3 < summary.train_samples < summary.train_rows * 1.7
 
 
 @pytest.mark.slow
@@ -202,3 +204,34 @@ def test_a_file_that_cannot_be_read_in_a_ray_data_task_is_a_one_line_error(tmp_p
         ray.shutdown()
     assert str(info.value).startswith(f"{cut}: cannot be read (") and "\n" not in str(info.value)
     assert info.value.reason == "unreadable_file" and type(info.value) is DataError  # not Ray's wrapper
+
+
+def test_mixing_weights_repeat_or_draw_training_rows_and_leave_validation_as_it_is(tmp_path, monkeypatch):
+    """fire.jsonl:2 trains each of its training rows twice, at different places; more.jsonl:0.5 about
+    half of its training rows, a seeded draw; validation rows stay once each; the counts say so."""
+    rows = (DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()[:100]
+    monkeypatch.chdir(tmp_path)
+    Path("fire.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    Path("more.jsonl").write_text("\n".join(rows[40:]) + "\n")
+    args = ("fire.jsonl:2,more.jsonl:0.5", "smollm2-135m-instruct", EncodeOptions(max_seq_length=2048), 0.1, 42)
+    train, validation, summary = build_sequences(*args, packing=False)
+    alone = build_sequences("fire.jsonl", "smollm2-135m-instruct", args[2], 0.0, 42, packing=False)[0]
+    fire_samples = {tuple(s["input_ids"]) for s in alone}  # the same rows encode to the same samples
+    positions: dict[tuple, list[int]] = {}
+    for position, sample in enumerate(train):
+        positions.setdefault(tuple(sample["input_ids"]), []).append(position)
+    copies = {"fire": [], "more": []}
+    for ids, where in positions.items():
+        copies["fire" if ids in fire_samples else "more"].append(where)
+    assert copies["fire"] and all(len(p) == 2 for p in copies["fire"]), copies["fire"]
+    assert sum(p[1] - p[0] for p in copies["fire"]) / len(copies["fire"]) > len(train) / 5  # shuffled apart
+    assert all(len(p) == 1 for p in copies["more"])
+    more_train_rows = 60 - sum(file == "more.jsonl" for file, _ in summary.validation_lines)
+    assert 0.3 * more_train_rows < len(copies["more"]) < 0.7 * more_train_rows
+    assert summary.unsampled_rows == more_train_rows - len(copies["more"])
+    assert summary.train_samples == len(train) == 2 * len(copies["fire"]) + len(copies["more"])
+    assert summary.files["fire.jsonl"]["train_samples"] == 2 * len(copies["fire"])
+    assert len(validation) == summary.validation_rows == summary.validation_samples
+    assert len({tuple(s["input_ids"]) for s in validation}) == len(validation)  # once each
+    again, _, _ = build_sequences(*args, packing=False)
+    assert [list(s["input_ids"]) for s in again] == [list(s["input_ids"]) for s in train]  # seeded

@@ -10,7 +10,15 @@ import pyarrow as pa
 import pytest
 
 from sftcore.data import DataError
-from sftcore.sources import glob_matches, line_key, open_lines, read_jsonl, resolve_data_files, split_lines
+from sftcore.sources import (
+    glob_matches,
+    line_key,
+    open_lines,
+    read_jsonl,
+    resolve_data_files,
+    split_data_path,
+    split_lines,
+)
 
 
 def write(path, data: bytes) -> None:
@@ -158,3 +166,21 @@ def test_s3_directories_globs_and_compressed_files_read_from_a_real_s3_server(s3
         resolve_data_files(f"s3://{bucket}/nope.jsonl")
     with pytest.raises(DataError, match=f"^s3://{bucket}/shards/\\*.parquet: no file matches$"):
         resolve_data_files(f"s3://{bucket}/shards/*.parquet")
+
+
+def test_a_source_may_carry_a_mixing_weight_after_a_last_colon(tmp_path):
+    assert split_data_path("a.jsonl:2, s3://b/x/*.jsonl:0.5,s3://b/y, c:d.jsonl,e.jsonl") == [
+        ("a.jsonl", 2.0),
+        ("s3://b/x/*.jsonl", 0.5),
+        ("s3://b/y", 1.0),
+        ("c:d.jsonl", 1.0),  # a colon in a name is not a weight
+        ("e.jsonl", 1.0),
+    ]
+    for bad in ("a.jsonl:0", "a.jsonl:-1", "a.jsonl:nan", "a.jsonl:inf"):
+        with pytest.raises(DataError, match="must be a number above 0"):
+            split_data_path(bad)
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"input": "q", "output": "a"}\n')
+    assert [f.weight for f in resolve_data_files(f"{data}:3")] == [3.0]
+    with pytest.raises(DataError, match="named twice in --data_path, with weights 3 and 1"):
+        resolve_data_files(f"{data}:3,{tmp_path}")

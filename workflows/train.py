@@ -216,6 +216,18 @@ def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
             summary.format_omissions(3),
             rejected_path,
         )
+    if summary.weights:
+        logger.info(
+            "mixing weights (the training samples of an epoch, by file):\n%s%s",
+            "\n".join(
+                f"  {file}: weight {summary.weights[file]:g}: {c['train_samples']} samples "
+                f"({c['train_samples'] / max(1, summary.train_samples):.1%}) from {c['rows']} rows"
+                for file, c in summary.files.items()
+            ),
+            f"\n{summary.unsampled_rows} training row(s) drawn out by a weight below 1 (the same draw every epoch)"
+            if summary.unsampled_rows
+            else "",
+        )
     if len(summary.files) > 1:
         logger.info(
             "data files: %d\n%s",
