@@ -270,8 +270,9 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
         )
         if summary.packing_efficiency is not None:
             logger.info(
-                "packing: %d train rows -> %d packs of up to %d tokens, %.1f%% real tokens",
+                "packing: %d train rows (%d samples) -> %d packs of up to %d tokens, %.1f%% real tokens",
                 summary.train_rows,
+                summary.train_samples,
                 summary.train_sequences,
                 cfg.max_seq_length,
                 100 * summary.packing_efficiency,
