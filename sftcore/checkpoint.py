@@ -23,7 +23,6 @@ manifest, and says which ones it skipped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -92,15 +91,12 @@ def save_checkpoint(
     (directory / TRAINER_STATE).write_text(json.dumps(payload, indent=2))
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
     """Every file under directory (but a manifest) with its size and sha256, by relative path."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    return {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": StoragePath.of(p).sha256()} for p in files
+    }
 
 
 def write_manifest(directory: Path, entries: dict[str, dict[str, Any]] | None = None) -> None:
@@ -142,19 +138,18 @@ def checkpoint_step(directory: str | os.PathLike | StoragePath) -> int | None:
         return None
 
 
-def _checkpoints_newest_first(output_dir: StoragePath) -> list[StoragePath]:
-    """checkpoint-N and final/ by step, newest first (final/ before a checkpoint of the same step)."""
+def _checkpoints_newest_first(output_dir: StoragePath) -> list[tuple[int, StoragePath]]:
+    """(step, directory) of checkpoint-N and final/, newest first (final/ before a checkpoint of the same step)."""
     directories = [output_dir / name for name, is_dir in output_dir.children().items() if is_dir]
     candidates = [d for d in directories if d.name.startswith("checkpoint-") or d.name == "final"]
     stepped = [(step, d.name == "final", d) for d in candidates if (step := checkpoint_step(d)) is not None]
-    return [d for _, _, d in sorted(stepped, key=lambda s: s[:2], reverse=True)]
+    return [(step, d) for step, _, d in sorted(stepped, key=lambda s: s[:2], reverse=True)]
 
 
-def _intact(directory: StoragePath, check_hashes: bool, shown: StoragePath | None = None) -> bool:
+def _intact(directory: StoragePath, step: int, check_hashes: bool, shown: StoragePath | None = None) -> bool:
     problem = checkpoint_problem(directory, check_hashes)
     if problem is not None:
-        shown = shown or directory
-        logger.warning("skipping checkpoint %s (step %s): %s", shown, checkpoint_step(shown), problem)
+        logger.warning("skipping checkpoint %s (step %d): %s", shown or directory, step, problem)
     return problem is None
 
 
@@ -163,7 +158,8 @@ def newest_checkpoint(output_dir: str | os.PathLike | StoragePath) -> StoragePat
     In a bucket only the files' presence and sizes are checked here (an object is uploaded whole or not
     at all); their hashes are checked on the copy a worker downloads to resume from."""
     output_dir = StoragePath.of(output_dir)
-    return next((d for d in _checkpoints_newest_first(output_dir) if _intact(d, output_dir.is_local)), None)
+    candidates = _checkpoints_newest_first(output_dir)
+    return next((d for step, d in candidates if _intact(d, step, check_hashes=output_dir.is_local)), None)
 
 
 @contextlib.contextmanager
@@ -174,13 +170,13 @@ def local_newest_checkpoint(output_dir: StoragePath) -> Iterator[Path | None]:
         newest = newest_checkpoint(output_dir)
         yield None if newest is None else newest.local_path
         return
-    for directory in _checkpoints_newest_first(output_dir):
-        if not _intact(directory, check_hashes=False):
+    for step, directory in _checkpoints_newest_first(output_dir):
+        if not _intact(directory, step, check_hashes=False):
             continue
         with tempfile.TemporaryDirectory(prefix="sftcore-resume-") as tmp:
             local = Path(tmp) / directory.name
             directory.download(local)
-            if _intact(StoragePath.of(local), check_hashes=True, shown=directory):
+            if _intact(StoragePath.of(local), step, check_hashes=True, shown=directory):
                 yield local
                 return
     yield None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -32,7 +31,7 @@ from sftcore.data import DataError, LineCounts, parse_line, parse_row
 from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
 from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
-from sftcore.sources import DataFile, line_key, open_lines, resolve_data_files, split_lines
+from sftcore.sources import DataFile, line_key, open_lines, resolve_data_files, seeded_key, split_lines
 from sftcore.storage import StoragePath
 
 KEY_RANGE = 1 << 63  # line_key's keys are in [0, KEY_RANGE)
@@ -247,7 +246,7 @@ def count_lines(
     """The summary of these lines' status rows: what each line became, and the train / validation
     split for a key threshold (a training row counted as often as its file's weight has it trained).
     Summaries of disjoint parts merge into the summary of the whole."""
-    summary = DatasetSummary(path=path)
+    summary = DatasetSummary(path=path, weights=weights)
     for row in sorted(rows, key=lambda row: (row["file"], row["line"])):
         file, line = str(row["file"]), int(row["line"])
         if row["blank"]:
@@ -257,7 +256,7 @@ def count_lines(
         else:
             summary.add_row(file, line, row | {"omissions": json.loads(row["omissions"])})
             key = int(row["key"])
-            stats = {"key": key, "file": file, "line": line, "weighted": weights is not None}
+            stats = {"key": key, "file": file, "line": line}
             stats["copies"] = sampling_copies(key, weights[file]) if weights else 1
             stats |= {name: int(row[name]) for name in ("samples", "tokens", "trained_tokens")}
             _count_split(summary, stats, threshold)
@@ -281,7 +280,7 @@ def _count_split(summary: DatasetSummary, row: dict[str, Any], threshold: int, s
         summary.train_samples += copies * row["samples"]
         summary.train_tokens += copies * row["tokens"]
         summary.train_trained_tokens += copies * row["trained_tokens"]
-        if row["weighted"]:  # each file's share of the training samples, for the weights' report
+        if summary.weights:  # each file's share of the training samples, for the weights' report
             summary.files[row["file"]]["train_samples"] += copies * row["samples"]
     if sign > 0:
         summary.lowest = min(filter(None, (summary.lowest, row)), key=_row_key)
@@ -324,8 +323,7 @@ def sampling_copies(key: int, weight: float) -> int:
     whole = int(weight)
     if weight == whole:
         return whole
-    draw = int.from_bytes(hashlib.blake2b(f"{key}\0copies".encode(), digest_size=8).digest(), "big") / 2**64
-    return whole + (draw < weight - whole)
+    return whole + (seeded_key(key, "copies") < (weight - whole) * KEY_RANGE)
 
 
 def weigh_samples(batch: dict[str, np.ndarray], weights: dict[str, float]) -> dict[str, Any]:
@@ -335,12 +333,8 @@ def weigh_samples(batch: dict[str, np.ndarray], weights: dict[str, float]) -> di
     for row in rows_of(batch):
         key = int(row["key"])
         for copy in range(sampling_copies(key, weights.get(str(row["file"]), 1.0))):
-            rows.append(row if copy == 0 else row | {"key": _copy_key(key, copy)})
+            rows.append(row if copy == 0 else row | {"key": seeded_key(key, copy)})
     return columns_of(rows) if rows else {k: v[:0] for k, v in batch.items()}
-
-
-def _copy_key(key: int, copy: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}\0{copy}".encode(), digest_size=8).digest(), "big") >> 1
 
 
 def untrained_entries(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -519,7 +513,6 @@ def build_sequences(
     status = [{k: row[k] for k in STATUS_COLUMNS} for row in rows if row["sample"] == 0]
     weights = file_weights(files)
     summary = count_lines(status, validation_threshold(validation_split), data_path, weights)
-    summary.weights = weights
     threshold = settle_split(summary, validation_threshold(validation_split), validation_split)
     if rejected_file is not None and rank == 0 and (summary.rejected_counts or summary.omission_counts):
         write_entries(untrained_entries(iter(status)), rejected_file)
@@ -538,5 +531,4 @@ def build_sequences(
 def sample_order(row: dict[str, Any]) -> tuple:
     """A sample's place in the seeded shuffle: a key per sample (the samples of a row split by turn are
     shuffled too, not trained one after another), then its file, line and number for a total order."""
-    digest = hashlib.blake2b(f"{row['key']}\0{row['sample']}".encode(), digest_size=8).digest()
-    return digest, row["file"], int(row["line"]), int(row["sample"])
+    return seeded_key(row["key"], row["sample"]), row["file"], int(row["line"]), int(row["sample"])

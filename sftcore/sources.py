@@ -175,9 +175,14 @@ def read_jsonl(data_path: str) -> Iterator[LineResult]:
                 yield LineResult(file=file.name, line=number, error=e)
 
 
+def seeded_key(*parts: object) -> int:
+    """A pseudo-random 63-bit key for these parts (the same parts give the same key on any machine)."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def line_key(seed: int, file: str, line: int) -> int:
     """A seeded pseudo-random 63-bit key per line: which rows are held out for validation (the smallest
     keys) and the order rows are packed in (ascending). Depends only on the seed, the file's name and the
     line number, so both data paths and every worker count agree, without a list of all lines anywhere."""
-    digest = hashlib.blake2b(f"{seed}\0{file}\0{line}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+    return seeded_key(seed, file, line)
