@@ -1,24 +1,32 @@
 """Rows into training samples whose labels mark exactly the tokens the model writes, under the model's
-own chat template (no ``{% generation %}`` tags needed).
+own chat template (no ``{% generation %}`` tags needed), by token id.
 
-1. Each trained turn is rendered as the model writes it, in the context it is given at inference
-   (sftcore.turns).
-2. Templates that keep earlier turns verbatim make each turn's context + text a prefix of the next
-   one's: the row is one sample, the render through its last trained turn. Templates that rewrite
-   history (Qwen3 keeps reasoning only after the last user message and gives the newest turn an
-   empty think block; gpt-oss ends only the newest final answer with ``<|return|>``; Mistral moves
-   the system prompt into the last user turn) break that chain; the row is then split into samples,
-   each a run of consecutive turns the template keeps verbatim, so that every turn is trained in
-   exactly the context it has at inference and in no other. ``history_rewrites="refuse"`` refuses
-   such rows instead. The token overhead is counted: ``row_tokens`` (the row as one sequence)
-   against the samples' tokens.
-3. Tokens overlapping each turn's character span are trained (offsets from the fast tokenizer).
+The token contract, for every trained turn k:
+
+- the sample's tokens before the turn are ``tokenizer(apply_chat_template(messages[:k],
+  add_generation_prompt=True, tools=...), add_special_tokens=False)``: the inference prompt, tokenized
+  on its own (after the documented adaptations of sftcore.templates);
+- the trained tokens are the turn's text tokenized on its own: what the model generates after that
+  prompt, through its stop token (sftcore.turns says what that text is);
+- nothing else is trained. A prompt token is never trained, even where the one-string render would
+  merge it with the turn's first characters (QwQ's ``<think>\n`` before ``\n</think>``), or where a
+  marker swallows the whitespace after it (Phi's ``<|assistant|>``).
+
+Turns share a sample where each one's prompt starts with the tokens of the sample so far (templates
+that keep earlier turns verbatim, tokenizers that split them alike once more text follows): the row is
+then one sample. Where the template rewrites history (Qwen3 keeps reasoning only after the last user
+message; gpt-oss ends only the newest final answer with ``<|return|>``; Mistral moves the system
+prompt into the last user turn) or the tokenizer splits an earlier turn differently inside the longer
+text, the next turn starts a sample of its own, so that every turn is trained in exactly the tokens it
+has at inference and in no other. ``history_rewrites="refuse"`` refuses such rows instead. The token
+overhead is counted: ``row_tokens`` (the row as one sequence) against the samples' tokens.
 
 Length (``max_seq_length``): turns whose sample does not fit follow ``overflow``: ``window`` trains
 them with the system prompt, the first user message and as much recent history as fits (without
 the system prompt if even that does not fit); ``truncate`` drops them. A turn that does not fit on
 its own is dropped. All of it is counted, and text a template drops (e.g. Llama-3's assistant text
-beside a tool call) is reported by reason: nothing is lost silently.
+beside a tool call), or tool calls written in sftcore's fallback format for a template that renders
+none, is reported by reason: nothing is lost or changed silently.
 """
 
 from __future__ import annotations
@@ -105,39 +113,57 @@ class EncodedRow:
         }
 
 
-def _chains(turns: list[Turn]) -> list[list[Turn]]:
-    """Runs of consecutive turns each of whose context + text is a prefix of the next one's: turns the
-    template keeps verbatim, trainable together in one sample (the render through the run's last turn)."""
-    runs: list[list[Turn]] = []
-    for turn in turns:
-        if runs and turn.sample_text.startswith(runs[-1][-1].sample_text):
-            runs[-1].append(turn)
-        else:
-            runs.append([turn])
-    return runs
-
-
-def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> tuple[int, int]:
-    """[first, last) token indices whose characters overlap span (starts/ends: token char offsets)."""
-    first = bisect.bisect_right(ends, span[0])
-    last = bisect.bisect_left(starts, span[1])
-    return first, max(first, last)
-
-
 @dataclass
 class _Tokenized:
     ids: list[int]
-    starts: list[int]
+    starts: list[int]  # each token's first character in its text
     ends: list[int]
 
     def span(self, begin: int, end: int) -> tuple[int, int]:
-        return _token_range(self.starts, self.ends, (begin, end))
+        """[first, last) indices of the tokens whose characters overlap [begin, end)."""
+        first = bisect.bisect_right(self.ends, begin)
+        return first, max(first, bisect.bisect_left(self.starts, end))
 
 
 def _tokenize(tokenizer: Any, text: str, shift: int = 0) -> _Tokenized:
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = encoding["offset_mapping"]
     return _Tokenized(list(encoding["input_ids"]), [s + shift for s, _ in offsets], [e + shift for _, e in offsets])
+
+
+@dataclass
+class _TurnTokens:
+    """A turn under the token contract: its inference prompt tokenized on its own, then its text tokenized
+    on its own (what the model generates, through its stop token)."""
+
+    turn: Turn
+    context: list[int]
+    text: _Tokenized
+
+    @property
+    def ids(self) -> list[int]:
+        return self.context + self.text.ids
+
+    def continues(self, earlier: _TurnTokens) -> bool:
+        """Whether this turn's prompt starts with the earlier turn's prompt and tokens: then one sequence
+        trains both, each in exactly its own inference context."""
+        n = len(earlier.context) + len(earlier.text.ids)
+        return len(self.context) >= n and self.context[:n] == earlier.ids
+
+
+def _chains(turns: list[_TurnTokens]) -> list[list[_TurnTokens]]:
+    """Runs of consecutive turns each of whose prompt continues the one before: trainable together in one
+    sample. A run ends where the template rewrites history (Qwen3 drops earlier reasoning, gpt-oss ends
+    only the newest answer with <|return|>, Mistral moves the system prompt) or where the tokenizer splits
+    an earlier turn differently once more text follows it (a prompt token that merges with the turn's
+    first characters, a marker that swallows the whitespace after it)."""
+    runs: list[list[_TurnTokens]] = []
+    for turn in turns:
+        if runs and turn.continues(runs[-1][-1]):
+            runs[-1].append(turn)
+        else:
+            runs.append([turn])
+    return runs
 
 
 _splitting_ids: dict[tuple, frozenset[int]] = {}
@@ -152,7 +178,7 @@ def _special_split_ids(tokenizer: Any) -> frozenset[int]:
         special = {
             i
             for i, token in tokenizer.added_tokens_decoder.items()
-            if token.special and not token.rstrip and not token.normalized
+            if token.special and not token.rstrip and not token.lstrip and not token.normalized
         }
         marker = next((tokenizer.convert_ids_to_tokens(i) for i in sorted(special)), None)
         tails = [" hello world", "\nHello,  world", 'héllo {"a": 1}', "  two"]
@@ -166,9 +192,9 @@ def _special_split_ids(tokenizer: Any) -> frozenset[int]:
 
 
 class _RowTokenizer:
-    """Tokenizes the many overlapping texts of one row (a turn's sample, the next turn's, windows that
-    share the system prompt): a new text reuses the tokens of an earlier one up to the last special token
-    inside their common beginning, and only the rest is tokenized. Exact: see _special_split_ids."""
+    """Tokenizes the many overlapping texts of one row (each turn's prompt, windows that share the system
+    prompt): a new text reuses the tokens of an earlier one up to the last special token inside their
+    common beginning, and only the rest is tokenized. Exact: see _special_split_ids."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -190,24 +216,29 @@ class _RowTokenizer:
         self.done.append((text, tokens))
         return tokens
 
+    def turn(self, turn: Turn) -> _TurnTokens:
+        return _TurnTokens(turn, self(turn.context).ids, _tokenize(self.tokenizer, turn.text))
 
-def _sample(tokens: _Tokenized, run: list[Turn], tc: TemplateConversation, history: str) -> Sample:
-    """The sample for a run of turns, cut right after the last turn's stop token."""
-    spans = [tokens.span(len(t.context), len(t.sample_text)) for t in run]
-    end = spans[-1][1]
-    labels = [IGNORE_INDEX] * end
-    reasoning = []
-    for turn, (first, last) in zip(run, spans, strict=True):
-        labels[first:last] = tokens.ids[first:last]
-        shown = (tc.reasoning[turn.message] or "").strip()
-        at = turn.text.find(shown) if shown else -1
+
+def _sample(run: list[_TurnTokens], tc: TemplateConversation, history: str) -> Sample:
+    """The sample for a run of turns: the last turn's prompt and text; every turn's text tokens trained."""
+    ids = run[-1].ids
+    labels = [IGNORE_INDEX] * len(ids)
+    spans, reasoning = [], []
+    for turn in run:
+        first = len(turn.context)
+        last = first + len(turn.text.ids)
+        labels[first:last] = ids[first:last]
+        spans.append((first, last))
+        shown = (tc.reasoning[turn.turn.message] or "").strip()
+        at = turn.turn.text.find(shown) if shown else -1
         if at >= 0:
-            begin = len(turn.context) + at
-            reasoning.append(tokens.span(begin, begin + len(shown)))
+            begin, end = turn.text.span(at, at + len(shown))
+            reasoning.append((first + begin, first + end))
     return Sample(
-        input_ids=tokens.ids[:end],
+        input_ids=ids,
         labels=labels,
-        turns=[t.ordinal for t in run],
+        turns=[t.turn.ordinal for t in run],
         history=history,
         reasoning=reasoning,
         spans=spans,
@@ -267,7 +298,7 @@ class _Windows:
     def _view(head: _Head, start: int, message: int) -> list[int]:
         return [k for k in head.messages if k < start] + list(range(start, message + 1))
 
-    def _fitting(self, head: _Head, start: int, turn: Turn) -> tuple[Turn, _Tokenized] | None:
+    def _fitting(self, head: _Head, start: int, turn: Turn) -> _TurnTokens | None:
         view = self._view(head, start, turn.message)
         try:
             rendered = render_turn(
@@ -275,8 +306,8 @@ class _Windows:
             )
         except DataError:  # the template refuses this cut of the conversation
             return None
-        tokens = self.tokenize(rendered.sample_text)
-        return (rendered, tokens) if len(tokens.ids) <= self.budget else None
+        tokens = self.tokenize.turn(rendered)
+        return tokens if len(tokens.ids) <= self.budget else None
 
     def _estimate(self, head: _Head, start: int, message: int) -> float:
         sizes = [self.replaced_size if k in head.replaced else self.sizes[k] for k in self._view(head, start, message)]
@@ -294,19 +325,19 @@ class _Windows:
             if found is None:
                 unfit.append(turns[i - 1])
                 continue
-            head, start, (turn, tokens) = found
-            run = [turn]
-            # Later turns join while the template keeps the run verbatim and it still fits.
+            head, start, first = found
+            run = [first]
+            # Later turns join while each one's prompt continues the run and it still fits.
             while i < len(turns) and self._may_fit(head, start, turns[i].message):
                 following = self._fitting(head, start, turns[i])
-                if following is None or not following[0].sample_text.startswith(run[-1].sample_text):
+                if following is None or not following.continues(run[-1]):
                     break
-                (turn, tokens), i = following, i + 1
-                run.append(turn)
-            samples.append(_sample(tokens, run, self.tc, head.history))
+                run.append(following)
+                i += 1
+            samples.append(_sample(run, self.tc, head.history))
         return samples, unfit
 
-    def _shortest_cut(self, turn: Turn) -> tuple[_Head, int, tuple[Turn, _Tokenized]] | None:
+    def _shortest_cut(self, turn: Turn) -> tuple[_Head, int, _TurnTokens] | None:
         """(head, start, rendered turn) with the most recent history that fits: the earliest start the size
         estimate allows, then exact renders, one start earlier or later at a time."""
         for full_head in self.heads:
@@ -349,31 +380,39 @@ def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptio
         render_turn(tokenizer, tc, support, list(range(message + 1)), message, ordinal)
         for ordinal, message in enumerate(turn_messages)
     ]
-    runs = _chains(full)
+    tokenize = _RowTokenizer(tokenizer)
+    runs = _chains([tokenize.turn(turn) for turn in full])
     if len(runs) > 1 and options.history_rewrites == "refuse":
+        earlier, later = runs[0][-1].turn, runs[1][0].turn
+        why = (
+            "the tokenizer splits it differently once more text follows it"
+            if later.context.startswith(earlier.sample_text)
+            else "the chat template renders it differently once later turns follow (it rewrites history, e.g. "
+            "drops reasoning from earlier turns)"
+        )
         raise DataError(
-            f"the chat template renders assistant turn {runs[0][-1].ordinal + 1} differently once later turns "
-            "follow (it rewrites history, e.g. drops reasoning from earlier turns), so the row is not one "
-            "sequence; drop --history_rewrites refuse to train each turn in its own context",
+            f"assistant turn {earlier.ordinal + 1} is not a prefix of the next turn's prompt: {why}, so the row is "
+            "not one sequence; drop --history_rewrites refuse to train each turn in its own context",
             "template_rewrites_history",
         )
     omissions = dropped_by_template(full, tc)
+    calls = sum(len(m.get("tool_calls", [])) for m in conv.messages)
+    if calls and not support.tool_calls:
+        what = f"{calls} tool call(s) written as <tool_call> JSON in the text: the chat template renders no tool calls"
+        omissions.append(("template_no_native_tool_calls", what))
+    row_tokens = len(tokenize(full[-1].whole).ids)
 
     budget = options.max_seq_length
-    tokenize = _RowTokenizer(tokenizer)
     samples, overflow = [], []
-    last_tokens = None
     for run in runs:
-        tokens = tokenize(run[-1].sample_text)
-        last_tokens = tokens
-        fitting = [t for t in run if budget is None or tokens.span(len(t.context), len(t.sample_text))[1] <= budget]
+        fitting = [t for t in run if budget is None or len(t.ids) <= budget]  # a prefix: each continues the last
         if fitting:
-            samples.append(_sample(tokens, fitting, tc, FULL_HISTORY))
-        overflow += run[len(fitting) :]
+            samples.append(_sample(fitting, tc, FULL_HISTORY))
+        overflow += [t.turn for t in run[len(fitting) :]]
 
     windowed = 0
     if overflow and options.overflow == "window":
-        windows = _Windows(tokenizer, tokenize, tc, support, budget, len(last_tokens.ids))
+        windows = _Windows(tokenizer, tokenize, tc, support, budget, row_tokens)
         window_samples, overflow = windows.samples(overflow)
         for sample in window_samples:
             reason, what = _WINDOW_OMISSIONS[sample.history]
@@ -384,9 +423,8 @@ def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptio
     for turn in overflow:
         omissions.append(("turn_too_long", f"assistant turn {turn.ordinal + 1} does not fit max_seq_length={budget}"))
     if not samples:
-        length = len(last_tokens.ids) if last_tokens else 0
         raise DataError(
-            f"too long: no assistant turn fits max_seq_length={budget} (the row is {length} tokens"
+            f"too long: no assistant turn fits max_seq_length={budget} (the row is {row_tokens} tokens"
             + ("" if options.overflow == "window" else "; --overflow window would train turns with recent history")
             + ")",
             "too_long",
@@ -395,9 +433,6 @@ def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptio
     if not samples:
         raise DataError("no trained tokens: the template renders the assistant turns as empty", "no_trained_tokens")
 
-    whole = full[-1].whole
-    one_sample = len(runs) == 1 and last_tokens is not None and runs[0][-1].sample_text == whole
-    row_tokens = len(last_tokens.ids) if one_sample else len(tokenize(whole).ids)
     return EncodedRow(
         samples=samples,
         row_tokens=row_tokens,

@@ -5,9 +5,12 @@ Templates differ in what they accept. Each is probed once, with tiny conversatio
 string, for what it renders, refuses or drops; ``adapt_to_template`` then rewrites a conversation
 into what that template renders without loss:
 
-- tool calls the template drops: written into the assistant content as documented ``<tool_call>``
-  JSON blocks; tool calls it refuses without 9-character alphanumeric ids (Mistral): such ids,
-  derived from the original ones, on the calls and on the tool results that answer them;
+- tool calls: their arguments as a mapping or as a JSON string, whichever the template renders natively
+  (most apply ``tojson`` to a mapping; DeepSeek's own templates concatenate a string); where it renders
+  neither, written into the assistant content as documented ``<tool_call>`` JSON blocks, and reported
+  on every such row (``template_no_native_tool_calls``); tool calls it refuses without 9-character
+  alphanumeric ids (Mistral): such ids, derived from the original ones, on the calls and on the tool
+  results that answer them;
 - ``tool`` messages it cannot render: a user turn holding ``<tool_response>...</tool_response>``;
 - a ``tools`` list it ignores: a "# Tools" block in the system message; one it iterates without
   checking (Hermes, Command-R tool-use templates): an empty list instead of none;
@@ -33,6 +36,10 @@ SHIPPED_TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 _PROBE = "sftcore_probe_7f3a"
 _PROBE_REASONING = "sftcore_reasoning_probe_9c1e"
 _PROBE_RESULT = "sftcore_result_probe_52d0"
+_PROBE_ARGUMENTS = {"sftcore_key_3b1d": "sftcore_value_8e2a"}
+# How templates take a tool call's arguments: a mapping (most use ``arguments | tojson``) or a JSON string
+# (DeepSeek's own templates concatenate it; GLM and Qwen3-Coder iterate a mapping and refuse a string).
+TOOL_ARGUMENTS = ("object", "json")
 
 
 def shipped_template_names() -> list[str]:
@@ -61,6 +68,7 @@ class TemplateSupport:
     """What a chat template renders natively (probed once per template and tokenizer)."""
 
     tool_calls: bool  # renders assistant tool_calls
+    tool_arguments: str  # TOOL_ARGUMENTS: the form in which it renders their arguments natively
     tool_call_ids: bool  # refuses tool calls unless they carry 9-character alphanumeric ids (Mistral)
     null_content: bool  # renders a tool-call message whose content is None (the OpenAI shape)
     tool_role: bool  # renders tool messages
@@ -115,6 +123,28 @@ def _renders(tokenizer: Any, messages: list[dict], tools: list[dict] | None, mar
         return False
 
 
+def _renders_call(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> bool:
+    """Whether the render shows the probe call natively: its name, and its argument's value not inside an
+    escaped JSON string (what ``tojson`` makes of arguments given as a string)."""
+    try:
+        text = render(tokenizer, messages, tools, add_generation_prompt=False)
+    except Exception:
+        return False
+    value = next(iter(_PROBE_ARGUMENTS.values()))
+    return _PROBE in text and value in text and f'\\"{value}' not in text
+
+
+def _arguments_as(arguments: dict, form: str) -> dict | str:
+    return json.dumps(arguments, ensure_ascii=False) if form == "json" else arguments
+
+
+def _probe_caller(content: Any, arguments: str, **fields: Any) -> dict:
+    """An assistant message with one probe tool call, its arguments in the form ``arguments``."""
+    function = {"name": _PROBE, "arguments": _arguments_as(_PROBE_ARGUMENTS, arguments)}
+    call = {"type": "function", "function": function} | fields
+    return {"role": "assistant", "content": content, "tool_calls": [call]}
+
+
 def _raises(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> bool:
     try:
         render(tokenizer, messages, tools, add_generation_prompt=False)
@@ -141,6 +171,13 @@ def _end_text(tokenizer: Any, no_tools: list | None) -> str:
     tail = short_ids[common:]
     if not tail or long_ids[-len(tail) :] != tail:
         return ""
+    # A block appended where a conversation ends may open like a message, with the token that opens the
+    # generation prompt too (Command-R+'s closing instructions); the common beginning took that token.
+    with_prompt = render(tokenizer, [user], no_tools, add_generation_prompt=True)
+    without = render(tokenizer, [user], no_tools, add_generation_prompt=False)
+    prompt_ids = tokenizer(with_prompt.removeprefix(without), add_special_tokens=False)["input_ids"]
+    if common and prompt_ids and short_ids[common - 1] == prompt_ids[0] and with_prompt.startswith(without):
+        tail = short_ids[common - 1 :]
     text = tokenizer.decode(tail)
     return text if text.strip() and short.endswith(text) and long.endswith(text) else ""
 
@@ -201,9 +238,10 @@ def template_support(tokenizer: Any) -> TemplateSupport:
     """Probe the tokenizer's chat template; cached per template text and tokenizer."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError(
+        raise DataError(
             "the tokenizer has no chat template; use an instruct/chat model or pass --chat_template "
-            "(a Jinja file, or 'chatml')"
+            "(a Jinja file, or 'chatml')",
+            "template_refused",
         )
     key = (template, *tokenizer_key(tokenizer))
     if key in _support_by_template:
@@ -213,16 +251,25 @@ def template_support(tokenizer: Any) -> TemplateSupport:
     empty_tools = _raises(tokenizer, [user], None) and not _raises(tokenizer, [user], [])
     no_tools: list | None = [] if empty_tools else None
 
-    def call(**fields: Any) -> dict:
-        return {"type": "function", "function": {"name": _PROBE, "arguments": {"x": 1}}, **fields}
+    # The first form of the arguments, with text or null content, and without or with Mistral-style ids, that
+    # the template renders natively: the call's name and its arguments' value, not as an escaped JSON string.
+    native = next(
+        (
+            (arguments, fields)
+            for arguments in TOOL_ARGUMENTS
+            for fields in ({}, {"id": "a1b2c3d4e"})
+            for content in ("", None)
+            if _renders_call(tokenizer, [user, _probe_caller(content, arguments, **fields)], no_tools)
+        ),
+        None,
+    )
+    tool_calls = native is not None
+    tool_arguments, ids = native or ("object", {})
+    tool_call_ids = bool(ids)
 
     def caller(content: Any, **fields: Any) -> dict:
-        return {"role": "assistant", "content": content, "tool_calls": [call(**fields)]}
+        return _probe_caller(content, tool_arguments, **fields)
 
-    tool_calls = _renders(tokenizer, [user, caller("")], no_tools)
-    tool_call_ids = not tool_calls and _renders(tokenizer, [user, caller("", id="a1b2c3d4e")], no_tools)
-    tool_calls = tool_calls or tool_call_ids
-    ids = {"id": "a1b2c3d4e"} if tool_call_ids else {}
     null_content = False
     if tool_calls:  # a null-content call, as the newest turn and in history
         later = [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "done"}]
@@ -242,13 +289,15 @@ def template_support(tokenizer: Any) -> TemplateSupport:
     if end_text and render(tokenizer, [user], no_tools, True) == render(tokenizer, [user], no_tools, False):
         # Text that ends every conversation and is also the generation prompt (Command-R7B's tool-use
         # template) starts like any turn header: where an assistant turn ends cannot be told apart.
-        raise ValueError(
+        raise DataError(
             f"the chat template appends its generation prompt ({end_text.strip()[:60]!r}) to every conversation, "
             "even without add_generation_prompt, so where an assistant turn ends is ambiguous; pass a "
-            "--chat_template that adds it only when asked"
+            "--chat_template that adds it only when asked",
+            "template_refused",
         )
     support = TemplateSupport(
         tool_calls=tool_calls,
+        tool_arguments=tool_arguments,
         tool_call_ids=tool_call_ids,
         null_content=null_content,
         tool_role=tool_role,
@@ -278,6 +327,11 @@ def _fold_tool_calls(message: dict) -> dict:
     ]
     content = "\n".join(([message["content"]] if message["content"] else []) + blocks)
     return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
+
+
+def _with_json_arguments(call: dict) -> dict:
+    function = call["function"]
+    return call | {"function": function | {"arguments": _arguments_as(function["arguments"], "json")}}
 
 
 def _tools_block(tools: list[dict]) -> str:
@@ -314,8 +368,8 @@ def _with_reasoning(message: dict, mode: str) -> dict:
     plain = {k: v for k, v in message.items() if k != "reasoning_content"}
     if mode == "thinking":
         return plain | {"thinking": reasoning}
-    if mode == "inline":
-        return plain | {"content": _fold_reasoning(reasoning, message["content"])}
+    if mode == "inline":  # null content (a tool call's) is no text
+        return plain | {"content": _fold_reasoning(reasoning, message["content"] or "")}
     return plain
 
 
@@ -343,6 +397,8 @@ def adapt_to_template(conv: Conversation, support: TemplateSupport) -> TemplateC
                 pending_ids.append(short)
                 calls.append(c | {"id": short})
             message = message | {"tool_calls": calls}
+        if message.get("tool_calls") and support.tool_calls and support.tool_arguments == "json":
+            message = message | {"tool_calls": [_with_json_arguments(c) for c in message["tool_calls"]]}
         if message.get("tool_calls") and not support.tool_calls:
             message = _fold_tool_calls(message)
         elif message.get("tool_calls") and support.null_content and not message["content"]:

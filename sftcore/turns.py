@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +53,31 @@ def _render_row(
     try:
         return render(tokenizer, messages, tools, add_generation_prompt, thinking)
     except Exception as e:  # the template's own complaint (e.g. "roles must alternate") is the useful message
+        missing = re.fullmatch(r"'dict object' has no attribute '(\w+)'", str(e))
+        lacking = _tools_lacking(tools or [], missing.group(1)) if missing else []
+        if lacking:
+            raise DataError(
+                f"the chat template needs a {missing.group(1)!r} in every tool and tool parameter, and this row's "
+                f"tools have none for {', '.join(lacking[:5])}; add them to 'tools' (and to the tools the model is "
+                "served with: the template cannot render them at inference either)",
+                "template_needs_tool_fields",
+            ) from None
         raise DataError(
             f"the chat template cannot render this row: {type(e).__name__}: {e}", "template_error"
         ) from None
+
+
+def _tools_lacking(tools: list[dict], key: str) -> list[str]:
+    """The tools (by name) and tool parameters (tool.parameter) of an OpenAI-style tools list without ``key``."""
+    lacking = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        name = function.get("name", "?")
+        if key not in function:
+            lacking.append(name)
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        lacking += [f"{name}.{p}" for p, spec in properties.items() if isinstance(spec, dict) and key not in spec]
+    return lacking
 
 
 def _prefilled_think(before: str, through: str) -> int | None:
@@ -85,7 +109,7 @@ def _realigned(before: str, through: str) -> int | None:
         # A short tail still marks the turn's start where adding the turn only cut a block out of the
         # context and the rest follows the common beginning verbatim (Mistral's system prompt leaving a
         # short last user message: "[INST]ok[/INST]"); elsewhere it may be a chance match.
-        if not tail or not through.startswith(tail, common):
+        if not tail.strip() or not through.startswith(tail, common):  # whitespace marks nothing
             return None
         start = common + len(tail)
     else:
@@ -93,21 +117,29 @@ def _realigned(before: str, through: str) -> int | None:
     return start if start < len(through) else None
 
 
-def _prefilled(before: str, through: str) -> int | None:
+def _prefilled(before: str, through: str, generation_prompt: str) -> int | None:
     """Where the turn starts in ``through`` when the generation prompt ends with a short pre-filled block
     the rendered turn lacks, other than think tags (Gemma-4's empty thought channel): the turn follows
-    it. The block starts after the common beginning, backed up to the end of the last line or tag."""
+    it. The block starts after the common beginning, backed up to the end of the last line or tag; it is
+    the end of the generation prompt, whose start (the turn's header) the render shows just before it."""
     common = len(os.path.commonprefix([before, through]))
     common = max(before.rfind("\n", 0, common), before.rfind(">", 0, common)) + 1
     prefill = before[common:]
-    return common if 0 < len(prefill) <= 64 and common < len(through) else None
+    header = generation_prompt[: len(generation_prompt) - len(prefill)]
+    shown = generation_prompt.endswith(prefill) and header and through[:common].endswith(header)
+    return common if shown and 0 < len(prefill) <= 64 and common < len(through) else None
 
 
-def _turn_text(before: str, through: str, reasoning: str | None, ordinal: int) -> str:
-    """What the model writes after ``before`` (the generation prompt) to arrive at ``through``."""
+def _turn_text(
+    before: str, through: str, reasoning: str | None, ordinal: int, generation_prompt: Callable[[], str]
+) -> str:
+    """What the model writes after ``before`` (the context with its generation prompt) to arrive at
+    ``through``; ``generation_prompt`` gives the generation prompt alone, where the last way needs it."""
     start = len(before) if through.startswith(before) else None
-    for find in (_prefilled_think, _realigned, _prefilled):
+    for find in (_prefilled_think, _realigned):
         start = find(before, through) if start is None else start
+    if start is None:
+        start = _prefilled(before, through, generation_prompt())
     if start is None:
         raise DataError(
             f"the chat template renders assistant turn {ordinal + 1} in a way that does not follow its own "
@@ -142,22 +174,33 @@ def render_turn(
     position = view.index(message)
     reasoning = tc.reasoning[message]
 
-    def turn_renders(thinking: bool | None) -> tuple[str, str, str]:
-        """(context with the generation prompt, the render through the turn, the same less text added only
-        where a conversation ends and the whitespace after the end-of-turn token)."""
+    def turn_renders(thinking: bool | None) -> tuple[str, str]:
+        """(context with the generation prompt, the render through the turn less text added only where a
+        conversation ends and the whitespace after the end-of-turn token)."""
         before = _render_row(tokenizer, messages[:position], tc.tools, True, thinking)
         rendered = _render_row(tokenizer, messages[: position + 1], tc.tools, False, thinking)
-        return before, rendered, rendered.removesuffix(support.end_text).rstrip()
+        return before, rendered.removesuffix(support.end_text).rstrip()
 
     # A turn with reasoning is written in thinking mode; one without, in the template's default mode, or
     # where that prompt does not lead to the turn (it opens a reasoning block, as Cohere2's does) and the
     # template has a mode without reasoning, in that mode.
-    before, rendered, through = turn_renders(True if reasoning is not None else None)
+    thinking = True if reasoning is not None else None
+    before, through = turn_renders(thinking)
     if reasoning is None and not through.startswith(before):
         plain = turn_renders(False)
         if plain[0] != before:
-            before, rendered, through = plain
-    text = _turn_text(before, through, reasoning, ordinal)
+            (before, through), thinking = plain, False
+
+    def generation_prompt() -> str:
+        history = _render_row(tokenizer, messages[:position], tc.tools, False, thinking) if position else ""
+        return before.removeprefix(history) if before.startswith(history) else ""
+
+    text = _turn_text(before, through, reasoning, ordinal, generation_prompt)
+    eos = tokenizer.eos_token
+    if eos and eos in text[:-1]:
+        # Generation ends at the end-of-sequence token: what a template renders after it in the same turn
+        # (Command-R+'s next turn header, DeepSeek-R1's second block after tool calls) is never written.
+        text = text[: text.index(eos) + len(eos)]
     if support.turn_stops:
         # The turn ends without an end-of-turn token (GLM): the model stops by writing the token that opens
         # the next message (or, where the row ends, a user message).

@@ -64,7 +64,7 @@ def test_every_reference_tool_call_parses_back_in_the_templates_own_syntax(name,
             checked += bool(turn.reference_calls)
         if checked >= 12:
             break
-    assert checked >= 8
+    assert checked >= (4 if name == "deepseek_r1" else 8)  # DeepSeek-R1's renders one tool-call message per row
 
 
 def test_the_fallback_and_broken_arguments_parse_as_calls_with_invalid_arguments(smollm2_tokenizer):
