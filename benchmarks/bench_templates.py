@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -60,25 +61,40 @@ def family_tokenizer(name: str):
     return tokenizer
 
 
-def measure(name: str, path: Path, max_seq_length: int | None) -> dict:
+def real_vocab_tokenizer(name: str):
+    """A family on its model's real vocabulary (tests/vocabs/families.json), built offline and cached."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from real_vocabs import real_tokenizer
+
+    return real_tokenizer(name)
+
+
+def measure(name: str, path: Path, max_seq_length: int | None, real_vocab: bool = False) -> dict:
     from sftcore.data import DataError, LineCounts, parse_line, parse_row
+    from sftcore.inspection import EXACT, contract_outcomes
     from sftcore.masking import EncodeOptions, encode_conversation
     from sftcore.templates import adapt_to_template, template_support
 
-    tokenizer = family_tokenizer(name)
+    tokenizer = real_vocab_tokenizer(name) if real_vocab else family_tokenizer(name)
     options = EncodeOptions(max_seq_length=max_seq_length)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     counts = LineCounts(path=str(path))
     template_support(tokenizer)  # probed once per template, outside the timing
+    encoded_rows = []
     start = time.process_time()
     for number, line in enumerate(lines, start=1):
         try:
-            encoded = encode_conversation(parse_row(parse_line(line)), tokenizer, options)
+            conv = parse_row(parse_line(line))
+            encoded = encode_conversation(conv, tokenizer, options)
         except DataError as e:
             counts.reject(path.name, number, e)
             continue
         counts.add_row(path.name, number, encoded.stats())
+        encoded_rows.append((conv, encoded))
     seconds = time.process_time() - start
+    contract = Counter()  # checked afresh, outside the timing
+    for conv, encoded in encoded_rows:
+        contract.update(contract_outcomes(conv, tokenizer, encoded))
     start = time.process_time()
     for line in lines:
         try:
@@ -95,6 +111,8 @@ def measure(name: str, path: Path, max_seq_length: int | None) -> dict:
         "rejected": dict(counts.rejected_counts),
         "samples": counts.samples,
         "overhead": counts.split_overhead,
+        "contract": dict(contract),
+        "contract_exact": contract[EXACT] / max(1, sum(contract.values())),
         "omissions": dict(counts.omission_counts),
         "rows_per_second": len(lines) / seconds,
         "render_once_rows_per_second": len(lines) / once,
@@ -103,7 +121,7 @@ def measure(name: str, path: Path, max_seq_length: int | None) -> dict:
 
 def survey(templates: list[str], args: argparse.Namespace) -> None:
     """One line per template over all the data: the share of rows trained and why the rest are not."""
-    trained_enough = 0
+    trained_enough = fallback = 0
     for template in templates:
         try:
             results = [measure(template, Path(path), args.max_seq_length) for path in args.data]
@@ -112,10 +130,22 @@ def survey(templates: list[str], args: argparse.Namespace) -> None:
             continue
         rows, trained = sum(r["rows"] for r in results), sum(r["trained"] for r in results)
         rejected = sum((Counter(r["rejected"]) for r in results), Counter())
+        contract = sum((Counter(r["contract"]) for r in results), Counter())
         trained_enough += trained >= 0.95 * rows
-        notes = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
-        print(f"{Path(template).name[:48]:48} {trained:>5}/{rows:<5} {100 * trained / rows:5.1f}%  {notes}")
+        fallback += contract["tool_calls_in_fallback_format"] > 0
+        exact = 100 * contract["exact"] / max(1, sum(contract.values()))
+        notes = ", ".join(f"{k} {v}" for k, v in sorted({**rejected, **_not_exact(contract)}.items()))
+        print(
+            f"{Path(template).name[:48]:48} {trained:>5}/{rows:<5} {100 * trained / rows:5.1f}%  "
+            f"contract {exact:5.1f}%  {notes}"
+        )
     print(f"{trained_enough} of {len(templates)} templates train at least 95% of the rows")
+    print(f"{fallback} of {len(templates)} templates get tool calls in sftcore's fallback format (they render none)")
+
+
+def _not_exact(contract: Counter) -> dict[str, int]:
+    """Trained turns that do not meet the token contract exactly, by reason."""
+    return {f"turns_{kind}": n for kind, n in contract.items() if kind != "exact"}
 
 
 def main() -> None:
@@ -131,32 +161,43 @@ def main() -> None:
         help="instead, every *.jinja file in this folder (e.g. llama.cpp's models/templates), its marker-like "
         "strings as special tokens; prints one summary line per template",
     )
+    parser.add_argument(
+        "--real_vocabs",
+        action="store_true",
+        help="the families of tests/vocabs/families.json, each on its model's real vocabulary (llama.cpp's GGUFs)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
-    families = (
-        args.families.split(",")
-        if args.families
-        else ["chatml", *json.loads((TEMPLATES / "families.json").read_text())]
-    )
+    listed = REPO / "tests" / "vocabs" / "families.json" if args.real_vocabs else TEMPLATES / "families.json"
+    families = args.families.split(",") if args.families else ["chatml"] * (not args.real_vocabs)
+    families = families or list(json.loads(listed.read_text()))
+    if not args.families and not args.real_vocabs:
+        families += list(json.loads(listed.read_text()))
     if args.templates_dir:
         survey(sorted(str(p) for p in Path(args.templates_dir).glob("*.jinja")), args)
         return
 
-    results = [measure(name, Path(path), args.max_seq_length) for name in families for path in args.data]
+    results = [
+        measure(name, Path(path), args.max_seq_length, args.real_vocabs) for name in families for path in args.data
+    ]
+    vocabulary = "each model's real vocabulary" if args.real_vocabs else "SmolLM2's with each family's special tokens"
     print(
-        f"max_seq_length: {args.max_seq_length or 'none'}; one core; rows/s: parse, render, mask, tokenize "
-        "(sftcore); once: render and tokenize each row once, no masks (the floor)"
+        f"max_seq_length: {args.max_seq_length or 'none'}; {vocabulary}; one core; rows/s: parse, render, mask, "
+        "tokenize (sftcore); once: render and tokenize each row once, no masks (the floor); contract: the "
+        "trained turns whose prompt and tokens a fresh render confirms"
     )
-    columns = f"{'family':14} {'file':28} {'trained':>9} {'samples':>8} {'overhead':>9} {'rows/s':>7} {'once':>7}"
-    print(columns + "  not trained / left out")
+    columns = f"{'family':26} {'file':28} {'trained':>9} {'samples':>8} {'overhead':>9} {'contract':>9}"
+    print(columns + f" {'rows/s':>7} {'once':>7}  not trained / left out / not exact")
     for r in results:
-        notes = ", ".join(f"{k} {v}" for k, v in sorted({**r["rejected"], **r["omissions"]}.items()))
+        notes = {**r["rejected"], **r["omissions"], **_not_exact(Counter(r["contract"]))}
+        notes = ", ".join(f"{k} {v}" for k, v in sorted(notes.items()))
         trained = f"{r['trained']}/{r['rows']}"
         print(
-            f"{r['family']:14} {r['file']:28} {trained:>9} {r['samples']:>8} {r['overhead']:>8.2f}x "
-            f"{r['rows_per_second']:>7.1f} {r['render_once_rows_per_second']:>7.1f}  {notes}"
+            f"{r['family']:26} {r['file']:28} {trained:>9} {r['samples']:>8} {r['overhead']:>8.2f}x "
+            f"{100 * r['contract_exact']:>8.1f}% {r['rows_per_second']:>7.1f} {r['render_once_rows_per_second']:>7.1f}"
+            f"  {notes}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

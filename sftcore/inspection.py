@@ -1,20 +1,65 @@
-"""What a data file will train: counts, rejects and omissions by reason (with line numbers), and highlighted
-samples (trained text, and the reasoning within it)."""
+"""What a data file will train: counts, rejects and omissions by reason (with line numbers), how each
+trained turn meets the token contract (checked afresh), and highlighted samples (trained text, and the
+reasoning within it)."""
 
 from __future__ import annotations
 
 import html
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftcore.data import DataError, LineCounts, parse_row
+from sftcore.data import Conversation, DataError, LineCounts, parse_row
 from sftcore.masking import FULL_HISTORY, IGNORE_INDEX, WINDOW, EncodedRow, EncodeOptions, Sample, encode_conversation
 from sftcore.sources import read_jsonl
+from sftcore.templates import adapt_to_template, template_support
+from sftcore.turns import render_turn
 
 _GREEN, _MAGENTA, _DIM, _RESET = "\x1b[1;32m", "\x1b[1;35m", "\x1b[2m", "\x1b[0m"
 MASKED, TRAINED, REASONING = "masked", "trained", "reasoning"
 _HISTORY = {FULL_HISTORY: "full history", WINDOW: "recent history only", "window_no_system": "without system prompt"}
+
+
+# How a trained turn stands with the token contract (sftcore.masking): verified exact, or why it differs
+EXACT, SHORTENED, FALLBACK_CALLS, MISMATCH = "exact", "history_shortened", "tool_calls_in_fallback_format", "mismatch"
+_CONTRACT_WORDS = {
+    EXACT: "exact (prompt and turn re-rendered and tokenized on their own give the sample's tokens)",
+    SHORTENED: "trained with a shortened history (--overflow window): the prompt of a shortened conversation",
+    FALLBACK_CALLS: "the template renders no tool calls: sftcore's <tool_call> JSON in prompt or turn",
+    MISMATCH: "differ from a fresh render (a bug: please report it)",
+}
+
+
+def contract_outcomes(conv: Conversation, tokenizer: Any, encoded: EncodedRow) -> Counter:
+    """Each trained turn of an encoded row by how it meets the token contract, checked afresh: its
+    prompt rendered again and tokenized on its own must be the sample's tokens before it, its text
+    tokenized on its own the trained tokens, and nothing else trained."""
+    support = template_support(tokenizer)
+    tc = adapt_to_template(conv, support)
+    turn_messages = [k for k, trained in enumerate(tc.trained) if trained]
+    first_call = next((k for k, m in enumerate(tc.sources) if any(s.get("tool_calls") for s in m)), None)
+    outcomes = Counter()
+    for sample in encoded.samples:
+        spans = dict(zip(sample.turns, sample.spans, strict=True))
+        trained = {i for first, last in sample.spans for i in range(first, last)}
+        labels_ok = all(
+            (label == token) == (i in trained) and label in (token, IGNORE_INDEX)
+            for i, (token, label) in enumerate(zip(sample.input_ids, sample.labels, strict=True))
+        )
+        for ordinal, (first, last) in spans.items():
+            message = turn_messages[ordinal]
+            if not support.tool_calls and first_call is not None and first_call <= message:
+                outcomes[FALLBACK_CALLS] += 1
+            elif sample.history != FULL_HISTORY:
+                outcomes[SHORTENED] += 1
+            else:
+                turn = render_turn(tokenizer, tc, support, list(range(message + 1)), message, ordinal)
+                prompt = tokenizer(turn.context, add_special_tokens=False)["input_ids"]
+                text = tokenizer(turn.text, add_special_tokens=False)["input_ids"]
+                exact = labels_ok and sample.input_ids[:first] == prompt and sample.input_ids[first:last] == text
+                outcomes[EXACT if exact else MISMATCH] += 1
+    return outcomes
 
 
 @dataclass
@@ -22,6 +67,7 @@ class DataReport(LineCounts):
     messages: int = 0
     split_rows: int = 0  # rows trained as several samples
     examples: list[tuple[str, int, EncodedRow]] = field(default_factory=list)  # (file, line, encoded)
+    contract: dict[str, Counter] = field(default_factory=dict)  # file -> trained turns by contract outcome
 
 
 def inspect_file(
@@ -42,6 +88,7 @@ def inspect_file(
             report.reject(result.file, result.line, e)
             continue
         report.add_row(result.file, result.line, encoded.stats())
+        report.contract.setdefault(result.file, Counter()).update(contract_outcomes(conv, tokenizer, encoded))
         report.messages += len(conv.messages)
         report.split_rows += len(encoded.samples) > 1
         if len(report.examples) < num_examples:
@@ -65,6 +112,10 @@ def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
         f"  turns with a shortened history (--overflow window): {report.windowed_turns}   "
         f"turns that did not fit: {report.dropped_turns}",
     ]
+    for file, outcomes in sorted(report.contract.items()):
+        total = sum(outcomes.values())
+        out.append(f"  token contract in {file}: {outcomes[EXACT]} of {total} trained turns exact")
+        out += [f"    {n} {_CONTRACT_WORDS[kind]}" for kind, n in sorted(outcomes.items()) if kind != EXACT]
     if report.rejected_counts:
         out.append(report.format_rejected(max_lines_per_reason))
     if report.omission_counts:

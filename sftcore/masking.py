@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,7 @@ from sftcore.templates import (
     template_support,
     tokenizer_key,
 )
-from sftcore.turns import Turn, dropped_by_template, render_turn
+from sftcore.turns import Turn, common_prefix_length, dropped_by_template, render_turn
 
 IGNORE_INDEX = -100
 HISTORY_REWRITES = ("split", "refuse")
@@ -166,50 +165,60 @@ def _chains(turns: list[_TurnTokens]) -> list[list[_TurnTokens]]:
     return runs
 
 
-_splitting_ids: dict[tuple, frozenset[int]] = {}
+_splitting_ids: dict[tuple, tuple[frozenset[int], frozenset[int]]] = {}
 
 
-def _special_split_ids(tokenizer: Any) -> frozenset[int]:
+def _special_split_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
     """Special tokens after which the tokenization of a text does not depend on what precedes them (the
-    fast tokenizer splits the text at added tokens first), checked once per tokenizer; empty where that
-    does not hold (e.g. a SentencePiece pre-tokenizer that marks the start of every piece)."""
+    fast tokenizer splits the text at added tokens first): (those that keep the text after them, those
+    that swallow the whitespace after them, Phi's role tokens). Checked once per tokenizer and kind on a
+    few texts; a kind is empty where that does not hold (e.g. a pre-tokenizer that marks the start of
+    every piece differently)."""
     key = tokenizer_key(tokenizer)
     if key not in _splitting_ids:
-        special = {
-            i
-            for i, token in tokenizer.added_tokens_decoder.items()
-            if token.special and not token.rstrip and not token.lstrip and not token.normalized
-        }
-        marker = next((tokenizer.convert_ids_to_tokens(i) for i in sorted(special)), None)
         tails = [" hello world", "\nHello,  world", 'héllo {"a": 1}', "  two"]
-        independent = marker is not None and all(
-            _tokenize(tokenizer, "say" + marker + tail).ids
-            == _tokenize(tokenizer, "say" + marker).ids + _tokenize(tokenizer, tail).ids
-            for tail in tails
-        )
-        _splitting_ids[key] = frozenset(special if independent else ())
+        kinds = []
+        for rstrip in (False, True):
+            special = {
+                i
+                for i, token in tokenizer.added_tokens_decoder.items()
+                if token.special and token.rstrip == rstrip and not token.lstrip and not token.normalized
+            }
+            marker = next((tokenizer.convert_ids_to_tokens(i) for i in sorted(special)), None)
+            independent = marker is not None and all(
+                _tokenize(tokenizer, "say" + marker + tail).ids
+                == _tokenize(tokenizer, "say" + marker).ids + _tokenize(tokenizer, after).ids
+                for tail in tails
+                for after in [tail.lstrip() if rstrip else tail]
+            )
+            kinds.append(frozenset(special if independent else ()))
+        _splitting_ids[key] = (kinds[0], kinds[1])
     return _splitting_ids[key]
 
 
 class _RowTokenizer:
     """Tokenizes the many overlapping texts of one row (each turn's prompt, windows that share the system
     prompt): a new text reuses the tokens of an earlier one up to the last special token inside their
-    common beginning, and only the rest is tokenized. Exact: see _special_split_ids."""
+    common beginning (and the whitespace it swallows), and only the rest is tokenized. Exact: see
+    _special_split_ids."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.split_ids = _special_split_ids(tokenizer)
+        self.split_ids, self.swallowing_ids = _special_split_ids(tokenizer)
         self.done: list[tuple[str, _Tokenized]] = []
 
     def __call__(self, text: str) -> _Tokenized:
         cut, reused = 0, _Tokenized([], [], [])
         for earlier, tokens in self.done[-4:]:
-            common = len(os.path.commonprefix([earlier, text]))
+            common = common_prefix_length(earlier, text)
             j = bisect.bisect_right(tokens.ends, common) - 1  # last token that ends within the common part
-            while j >= 0 and tokens.ids[j] not in self.split_ids:
+            while j >= 0 and tokens.ids[j] not in self.split_ids and tokens.ids[j] not in self.swallowing_ids:
                 j -= 1
-            if j >= 0 and tokens.ends[j] > cut:
-                cut, n = tokens.ends[j], j + 1
+            end = tokens.ends[j] if j >= 0 else 0
+            if j >= 0 and tokens.ids[j] in self.swallowing_ids:
+                end += len(text[end:]) - len(text[end:].lstrip())  # the whitespace it swallows in this text
+            if j >= 0 and end > cut:
+                cut, n = end, j + 1
                 reused = _Tokenized(tokens.ids[:n], tokens.starts[:n], tokens.ends[:n])
         rest = _tokenize(self.tokenizer, text[cut:], shift=cut)
         tokens = _Tokenized(reused.ids + rest.ids, reused.starts + rest.starts, reused.ends + rest.ends)

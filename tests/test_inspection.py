@@ -62,6 +62,30 @@ def test_inspect_data_cli_on_real_data(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "rows to train: 60   rejected: 0" in result.stdout
     assert "trained tokens:" in result.stdout and out.exists()
+    # SmolLM2's ChatML renders no tool calls: the turns after the first call are named, the rest exact
+    assert f"token contract in {REAL_DATA_FILES[0]}: 163 of 790 trained turns exact" in result.stdout
+    assert "627 the template renders no tool calls: sftcore's <tool_call> JSON in prompt or turn" in result.stdout
+
+
+def test_the_contract_outcomes_name_why_a_turn_is_not_exact(smollm2_tokenizer):
+    """Turns of a window or after fallback tool calls are named; tampering with a sample is caught."""
+    from sftcore.data import parse_row
+    from sftcore.inspection import EXACT, MISMATCH, SHORTENED, contract_outcomes
+    from sftcore.masking import encode_conversation
+
+    fire = [json.loads(line) for line in REAL_DATA_FILES[1].read_text().splitlines()[:3]]
+    long_row = {"input": "Count.", "output": [{"role": "assistant", "content": f"{n} " * 15} for n in range(4)]}
+    for row, options, expected in [
+        (fire[0], EncodeOptions(), {EXACT}),
+        (long_row, EncodeOptions(max_seq_length=64), {EXACT, SHORTENED}),
+    ]:
+        conv = parse_row(row)
+        encoded = encode_conversation(conv, smollm2_tokenizer, options)
+        assert set(contract_outcomes(conv, smollm2_tokenizer, encoded)) == expected
+    sample = encoded.samples[0]
+    first, _ = sample.spans[0]
+    sample.labels[first - 1] = sample.input_ids[first - 1]  # a prompt token trained
+    assert contract_outcomes(conv, smollm2_tokenizer, encoded)[MISMATCH] == 1
 
 
 def test_inspect_data_cli_missing_file_is_one_line(tmp_path):
