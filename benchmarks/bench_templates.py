@@ -74,6 +74,7 @@ def measure(name: str, path: Path, max_seq_length: int | None, real_vocab: bool 
     from sftcore.inspection import EXACT, contract_outcomes
     from sftcore.masking import EncodeOptions, encode_conversation
     from sftcore.templates import adapt_to_template, template_support
+    from sftcore.trees import build_trees
 
     tokenizer = real_vocab_tokenizer(name) if real_vocab else family_tokenizer(name)
     options = EncodeOptions(max_seq_length=max_seq_length)
@@ -93,8 +94,10 @@ def measure(name: str, path: Path, max_seq_length: int | None, real_vocab: bool 
         encoded_rows.append((conv, encoded))
     seconds = time.process_time() - start
     contract = Counter()  # checked afresh, outside the timing
+    tree_tokens = 0  # the samples merged into prefix trees (--tree_packing auto), outside the timing too
     for conv, encoded in encoded_rows:
         contract.update(contract_outcomes(conv, tokenizer, encoded))
+        tree_tokens += sum(len(tree.input_ids) for tree in build_trees(encoded.samples, max_seq_length))
     start = time.process_time()
     for line in lines:
         try:
@@ -111,6 +114,7 @@ def measure(name: str, path: Path, max_seq_length: int | None, real_vocab: bool 
         "rejected": dict(counts.rejected_counts),
         "samples": counts.samples,
         "overhead": counts.split_overhead,
+        "tree_overhead": tree_tokens / max(1, counts.row_tokens),
         "contract": dict(contract),
         "contract_exact": contract[EXACT] / max(1, sum(contract.values())),
         "omissions": dict(counts.omission_counts),
@@ -185,10 +189,11 @@ def main() -> None:
     vocabulary = "each model's real vocabulary" if args.real_vocabs else "SmolLM2's with each family's special tokens"
     print(
         f"max_seq_length: {args.max_seq_length or 'none'}; {vocabulary}; one core; rows/s: parse, render, mask, "
-        "tokenize (sftcore); once: render and tokenize each row once, no masks (the floor); contract: the "
+        "tokenize (sftcore); once: render and tokenize each row once, no masks (the floor); overhead: the samples' "
+        "tokens / the rows' as one sequence; as trees: the prefix trees' (--tree_packing auto); contract: the "
         "trained turns whose prompt and tokens a fresh render confirms"
     )
-    columns = f"{'family':26} {'file':28} {'trained':>9} {'samples':>8} {'overhead':>9} {'contract':>9}"
+    columns = f"{'family':26} {'file':28} {'trained':>9} {'samples':>8} {'overhead':>9} {'as trees':>9} {'contract':>9}"
     print(columns + f" {'rows/s':>7} {'once':>7}  not trained / left out / not exact")
     for r in results:
         notes = {**r["rejected"], **r["omissions"], **_not_exact(Counter(r["contract"]))}
@@ -196,8 +201,8 @@ def main() -> None:
         trained = f"{r['trained']}/{r['rows']}"
         print(
             f"{r['family']:26} {r['file']:28} {trained:>9} {r['samples']:>8} {r['overhead']:>8.2f}x "
-            f"{100 * r['contract_exact']:>8.1f}% {r['rows_per_second']:>7.1f} {r['render_once_rows_per_second']:>7.1f}"
-            f"  {notes}"
+            f"{r['tree_overhead']:>8.2f}x {100 * r['contract_exact']:>8.1f}% {r['rows_per_second']:>7.1f} "
+            f"{r['render_once_rows_per_second']:>7.1f}  {notes}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -9,6 +9,16 @@ squared; transformers builds no 4D mask for an implementation it has no mask fun
 ``packed_varlen`` (CUDA, torch >= 2.10) hands the whole flattened batch and its boundaries to
 torch's varlen flash kernel in one call; flash_attention_2 (the flash-attn package) reads the same
 boundaries.
+
+Prefix trees (sftcore.trees): a token attends to its ancestors only. The collate cuts each tree into
+segments, runs of tokens each the child of the one before, and passes, besides the segments' bounds,
+``tree_key_index``: for each segment in turn, the flat positions of its ancestors' tokens then its own
+(``cu_seq_lens_k``: where each segment's keys start in that list). A segment's queries attend to all
+of its ancestors and causally among themselves: causal attention aligned to the bottom right of the
+[segment, keys] block. ``packed_sdpa`` runs it per segment (a mask of segment x keys at most, never
+pack x pack); ``packed_varlen`` in one varlen call over the gathered keys and values (flash aligns a
+causal block to the bottom right when it has more keys than queries). Keys are gathered per segment,
+so attention costs what the per-turn samples would; everything else runs once per tree token.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
 PACKED_SDPA = "packed_sdpa"
@@ -42,6 +53,36 @@ def segment_boundaries(lengths: list[list[int]], width: int) -> tuple[torch.Tens
     return torch.as_tensor(bounds, dtype=torch.int32), int(max(segments))
 
 
+def tree_segments(parents: list[np.ndarray], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """For rows of prefix trees (each token's parent in its row, -1 for a tree's first token; each row
+    right-padded to width by a causal segment of its own): (segment bounds over the flattened batch,
+    where each segment's keys start in the key index, the key index: each segment's ancestors' flat
+    positions then its own, the longest segment, the most keys of one segment)."""
+    bounds, key_bounds, keys = [0], [0], []
+    for row, row_parents in enumerate(parents):
+        offset, n = row * width, len(row_parents)
+        starts = [0, *(np.flatnonzero(row_parents[1:] != np.arange(n - 1)) + 1).tolist()]
+        ends = [*starts[1:], n]
+        segment_of = np.repeat(np.arange(len(starts)), np.diff([*starts, n]))
+        ancestors: list[list[tuple[int, int]]] = []  # per segment: its ancestors' (first, last) ranges
+        for start, end in zip(starts, ends, strict=True):
+            parent = int(row_parents[start])
+            above = [] if parent < 0 else [*ancestors[segment_of[parent]], (starts[segment_of[parent]], parent + 1)]
+            ancestors.append(above)
+            ranges = [*above, (start, end)]
+            keys += [np.arange(first + offset, last + offset) for first, last in ranges]
+            bounds.append(offset + end)
+            key_bounds.append(key_bounds[-1] + sum(last - first for first, last in ranges))
+        if width > n:
+            keys.append(np.arange(offset + n, offset + width))
+            bounds.append(offset + width)
+            key_bounds.append(key_bounds[-1] + width - n)
+    index = torch.as_tensor(np.concatenate(keys), dtype=torch.long)
+    lengths, key_lengths = np.diff(bounds), np.diff(key_bounds)
+    cu = [torch.as_tensor(b, dtype=torch.int32) for b in (bounds, key_bounds)]
+    return cu[0], cu[1], index, int(lengths.max()), int(key_lengths.max())
+
+
 def _boundaries(
     query: torch.Tensor, key: torch.Tensor, cu_seq_lens: torch.Tensor | None, max_length: int | None
 ) -> tuple[Any, int]:
@@ -54,6 +95,17 @@ def _boundaries(
     return cu_seq_lens, max_length or length
 
 
+def _segment_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None
+) -> torch.Tensor:
+    """Causal sdpa of a segment's queries over its keys, the last keys being the queries' own: aligned to
+    the bottom right where ancestors' keys come first (a [queries, keys] mask, built by torch)."""
+    queries, keys = query.shape[2], key.shape[2]
+    causal = {"is_causal": True} if queries == keys else {"attn_mask": causal_lower_right(queries, keys)}
+    gqa = key.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **causal)
+
+
 def packed_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -63,25 +115,26 @@ def packed_sdpa(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    tree_key_index: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention within each segment. query [batch, heads, length, dim], key and value
-    [batch, kv heads, length, dim]; returns [batch, length, heads, dim] as transformers expects."""
+    """Causal attention within each segment (each tree segment over its ancestors too). query [batch,
+    heads, length, dim], key and value [batch, kv heads, length, dim]; returns [batch, length, heads, dim]
+    as transformers expects."""
     batch, heads, length, dim = query.shape
     bounds = _boundaries(query, key, cu_seq_lens_q, None)[0].tolist()
     # [1, heads, batch * length, dim]: sdpa's CPU flash kernel takes 4-D inputs only (3-D ones fall
     # back to the math kernel, which keeps a segment x segment matrix per head for backward).
     flat = [t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value)]
-    gqa = key.shape[1] != heads
+    query, key, value = flat
+    key_bounds = bounds
+    if tree_key_index is not None:
+        key, value = (t.index_select(2, tree_key_index) for t in (key, value))
+        key_bounds = cu_seq_lens_k.tolist()
     outputs = [
-        F.scaled_dot_product_attention(
-            *(t[:, :, start:end] for t in flat),
-            is_causal=True,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=gqa,
-        )
-        for start, end in zip(bounds, bounds[1:], strict=False)
+        _segment_attention(query[:, :, start:end], key[:, :, k0:k1], value[:, :, k0:k1], dropout, scaling)
+        for start, end, k0, k1 in zip(bounds, bounds[1:], key_bounds, key_bounds[1:], strict=False)
         if end > start
     ]
     output = torch.cat(outputs, dim=2).reshape(heads, batch, length, dim)
@@ -106,6 +159,9 @@ def packed_varlen(
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     max_length_q: int | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_k: int | None = None,
+    tree_key_index: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """packed_sdpa's attention in one call of torch's varlen flash kernel (CUDA, bf16 or fp16)."""
@@ -132,8 +188,14 @@ def packed_varlen(
         causal["enable_gqa"] = key.shape[1] != heads
     elif key.shape[1] != heads:
         key, value = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
-    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
-    output = kernel(*flat, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling, **causal)
+    query, key, value = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    if tree_key_index is None:
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    else:  # each segment's ancestors' keys and values, then its own: causal aligned to the bottom right
+        key, value = (t.index_select(0, tree_key_index) for t in (key, value))
+    output = kernel(
+        query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling, **causal
+    )
     return output.reshape(batch, length, heads, dim), None
 
 
@@ -156,24 +218,43 @@ def unpacked_attention(model: torch.nn.Module) -> Iterator[None]:
         config._attn_implementation = trained_with
 
 
-def resolve_attention(choice: str, config: Any, max_seq_length: int) -> str:
-    """The attention implementation to load the model with. auto on CUDA: flash_attention_2 with
-    flash-attn installed, else packed_varlen (torch >= 2.10, bf16); elsewhere packed_sdpa. Models
-    whose attention the packed kernels do not compute (attention-logit soft-capping, sliding windows
-    shorter than the sequences) keep transformers' sdpa."""
-    if choice != "auto":
-        return choice
+TREE_KERNELS = (PACKED_SDPA, PACKED_VARLEN)  # the implementations that compute prefix trees
+
+
+def _needs_transformers_sdpa(config: Any, max_seq_length: int) -> bool:
+    """Models whose attention the packed kernels do not compute: attention-logit soft-capping, sliding
+    windows shorter than the sequences."""
     window = getattr(config, "sliding_window", None)
     uses_window = bool(window) and window < max_seq_length and getattr(config, "use_sliding_window", True) is not False
-    if getattr(config, "attn_logit_softcapping", None) or uses_window:
+    return bool(getattr(config, "attn_logit_softcapping", None)) or uses_window
+
+
+def trains_trees(choice: str, tree_packing: str, config: Any, max_seq_length: int) -> bool:
+    """Whether a row's samples train as prefix trees (sftcore.trees): --tree_packing auto, with an
+    attention implementation that computes them (packed_sdpa, packed_varlen, or auto for a model they
+    compute)."""
+    if tree_packing == "off":
+        return False
+    return choice in TREE_KERNELS or (choice == "auto" and not _needs_transformers_sdpa(config, max_seq_length))
+
+
+def resolve_attention(choice: str, config: Any, max_seq_length: int, trees: bool = False) -> str:
+    """The attention implementation to load the model with. auto on CUDA: flash_attention_2 with
+    flash-attn installed (not for trees, whose keys it cannot gather), else packed_varlen (torch >=
+    2.10, bf16); elsewhere packed_sdpa. Models whose attention the packed kernels do not compute keep
+    transformers' sdpa."""
+    if choice != "auto":
+        return choice
+    if _needs_transformers_sdpa(config, max_seq_length):
         return "sdpa"
     if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
+        if not trees:
+            try:
+                import flash_attn  # noqa: F401
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
+                return "flash_attention_2"
+            except ImportError:
+                pass
         if _varlen_kernel() is not None and torch.cuda.is_bf16_supported():
             return PACKED_VARLEN
     return PACKED_SDPA

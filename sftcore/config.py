@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from sftcore.attention import ATTENTION_CHOICES
+from sftcore.attention import ATTENTION_CHOICES, trains_trees
 from sftcore.data import TRAIN_ON
 from sftcore.dataset import VALIDATION_LINES_KEPT
 from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
@@ -89,13 +89,22 @@ class TrainConfig:
     packing: bool = _opt(
         True, "pack whole samples into sequences of --max_seq_length tokens (samples never attend to each other)"
     )
+    tree_packing: str = _opt(
+        "auto",
+        "auto: merge each row's samples into prefix trees (shared prefixes stored once, each token attending to "
+        "its ancestors only: the same losses and gradients as the samples, at a fraction of their tokens), where "
+        "the attention computes them (packed_sdpa, packed_varlen; auto picks one of them but for models with "
+        "soft-capped or sliding-window attention); off: train the samples as they are",
+        ("auto", "off"),
+    )
     attn_implementation: str = _opt(
         "auto",
-        "attention kernel. packed_sdpa: causal sdpa over each sample, no mask (memory grows with the sample, not "
-        "the pack squared); packed_varlen: the same in one call of torch's varlen flash kernel (CUDA, torch >= 2.10); "
-        "sdpa / eager: transformers' own, with a block mask for packs; flash_attention_2 needs flash-attn. auto: on "
-        "CUDA flash_attention_2 when installed, else packed_varlen; elsewhere packed_sdpa (sdpa for models with "
-        "soft-capped or sliding-window attention)",
+        "attention kernel. packed_sdpa: causal sdpa over each sample (each tree segment over its ancestors), no "
+        "pack-wide mask (memory grows with the sample, not the pack squared); packed_varlen: the same in one call of "
+        "torch's varlen flash kernel (CUDA, torch >= 2.10); sdpa / eager: transformers' own, with a block mask for "
+        "packs, no trees; flash_attention_2 needs flash-attn, no trees. auto: on CUDA flash_attention_2 when "
+        "installed and no trees, else packed_varlen; elsewhere packed_sdpa (sdpa for models with soft-capped or "
+        "sliding-window attention)",
         ATTENTION_CHOICES,
     )
     gradient_checkpointing: bool | None = _opt(
@@ -204,9 +213,13 @@ class TrainConfig:
         if not 0 <= self.validation_split < 1:
             raise ValueError(f"--validation_split must be in [0, 1), got {self.validation_split}")
 
-    def encode_options(self) -> EncodeOptions:
-        """How rows become training samples (sftcore.masking)."""
-        return EncodeOptions(self.max_seq_length, self.history_rewrites, self.overflow, self.train_on)
+    def trains_trees(self, model_config: Any) -> bool:
+        """Whether rows train as prefix trees with this model (sftcore.attention.trains_trees)."""
+        return trains_trees(self.attn_implementation, self.tree_packing, model_config, self.max_seq_length)
+
+    def encode_options(self, trees: bool = False) -> EncodeOptions:
+        """How rows become training sequences (sftcore.masking; ``trees``: sftcore.attention.trains_trees)."""
+        return EncodeOptions(self.max_seq_length, self.history_rewrites, self.overflow, self.train_on, trees)
 
 
 # The options that decide what a row renders into: the tools that show or score training's samples

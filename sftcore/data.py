@@ -99,6 +99,9 @@ class LineCounts:
     trained_turns: int = 0
     windowed_turns: int = 0  # trained with a shortened history (--overflow window)
     dropped_turns: int = 0  # did not fit at all
+    trees: int = 0  # prefix trees the samples were merged into (sftcore.trees; 0 without tree packing)
+    tree_tokens: int = 0
+    repeated_targets: int = 0  # tokens two samples train alike, trained once in their tree
 
     def _count_line(self, file: str, outcome: str) -> None:
         self.lines += 1
@@ -124,6 +127,8 @@ class LineCounts:
         for key in ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns"):
             setattr(self, key, getattr(self, key) + int(stats[key]))
         self.dropped_turns += int(stats["dropped_turns"])
+        for key in ("trees", "tree_tokens", "repeated_targets"):
+            setattr(self, key, getattr(self, key) + int(stats.get(key, 0)))
         for reason in {reason for reason, _ in stats["omissions"]}:
             self.omission_rows[reason] += 1
         for reason, message in stats["omissions"]:
@@ -148,6 +153,16 @@ class LineCounts:
     def split_overhead(self) -> float:
         """Tokens in the samples / tokens of the rows as one sequence each (1.0: nothing was split)."""
         return self.tokens / max(1, self.row_tokens)
+
+    @property
+    def tree_overhead(self) -> float:
+        """Tokens in the prefix trees / tokens of the rows as one sequence each."""
+        return self.tree_tokens / max(1, self.row_tokens)
+
+    def token_costs(self) -> str:
+        """The rows' tokens three ways: as one sequence each, as samples, and as trees when trained as trees."""
+        trees = f", trained as {self.trees} trees {self.tree_overhead:.2f}x" if self.trees else ""
+        return f"as one sequence 1.00x, as {self.samples} samples {self.split_overhead:.2f}x{trees}"
 
     @property
     def rejected_total(self) -> int:
@@ -195,7 +210,7 @@ def _by_reason(entries: list[dict[str, Any]], counts: Counter, limit: int, title
 
 
 _SUMMED = ("lines", "blank_lines", "rows", "samples", "tokens", "trained_tokens", "row_tokens", "trained_turns")
-_SUMMED += ("windowed_turns", "dropped_turns")
+_SUMMED += ("windowed_turns", "dropped_turns", "trees", "tree_tokens", "repeated_targets")
 
 
 def _first_per_reason(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
 from sftcore.sources import DataFile, line_key, open_lines, resolve_data_files, seeded_key, split_lines
 from sftcore.storage import StoragePath
+from sftcore.trees import build_trees, tree_stats
 
 KEY_RANGE = 1 << 63  # line_key's keys are in [0, KEY_RANGE)
 VALIDATION_LINES_KEPT = 1000  # the first validation rows' (file, line), for --eval_generate_rows
@@ -44,6 +45,7 @@ GROUP_PARTITIONS = 64  # most shuffle partitions that gather packing windows (Ra
 class DatasetSummary(LineCounts):
     train_rows: int = 0
     validation_rows: int = 0
+    # the sequences packed: the rows' samples, or with tree packing the prefix trees they merge into
     train_samples: int = 0
     validation_samples: int = 0
     train_tokens: int = 0
@@ -81,9 +83,11 @@ def _row_key(row: dict[str, Any]) -> tuple[int, str, int]:
 
 
 LINE_STATS = ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns", "dropped_turns")
+LINE_STATS += ("trees", "tree_tokens", "repeated_targets")
 STATUS_COLUMNS = ["file", "line", "key", "blank", "error_reason", "error_message", "rejected_text", "omissions"]
 STATUS_COLUMNS += LINE_STATS
 SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
+TREE_COLUMNS = ["position_ids", "parents"]  # a prefix tree's, besides SEQUENCE_COLUMNS (sftcore.trees)
 _NO_STATUS = {
     "blank": False,
     "error_reason": "",
@@ -93,6 +97,7 @@ _NO_STATUS = {
     **dict.fromkeys(LINE_STATS, 0),
 }
 _EMPTY = {"input_ids": np.zeros(0, np.int32), "labels": np.zeros(0, np.int64), "num_tokens": 0, "num_trained": 0}
+_EMPTY_TREE = dict.fromkeys(TREE_COLUMNS, np.zeros(0, np.int32))
 
 
 class RowEncoder:
@@ -113,29 +118,40 @@ class RowEncoder:
         self.seed = seed
 
     def encode(self, file: str, line: int, raw: bytes) -> list[dict[str, Any]]:
+        """The line's training sequences: its samples, or the prefix trees they merge into (``sample``
+        numbers them)."""
         where = {"file": file, "line": line, "sample": 0, "key": line_key(self.seed, file, line)}
+        empty = where | _EMPTY | _NO_STATUS | (_EMPTY_TREE if self.options.trees else {})
         if not raw.strip():
-            return [where | _EMPTY | _NO_STATUS | {"blank": True}]
+            return [empty | {"blank": True}]
         try:
             row = parse_row(parse_line(raw), self.options.train_on)
             encoded = encode_conversation(row, self.tokenizer, self.options)
         except DataError as e:
             text = raw.decode("utf-8", errors="replace")
-            error = {"error_reason": e.reason, "error_message": str(e), "rejected_text": text}
-            return [where | _EMPTY | _NO_STATUS | error]
-        stats = encoded.stats()
+            return [empty | {"error_reason": e.reason, "error_message": str(e), "rejected_text": text}]
+        sequences: list[Any] = encoded.samples
+        if self.options.trees:
+            sequences = build_trees(encoded.samples, self.options.max_seq_length)
+        stats = encoded.stats() | tree_stats(sequences if self.options.trees else [])
         status = {k: stats[k] for k in LINE_STATS} | {"omissions": json.dumps(stats["omissions"])}
         out = []
-        for n, sample in enumerate(encoded.samples):
-            labels = np.asarray(sample.labels, dtype=np.int64)
+        for n, sequence in enumerate(sequences):
+            labels = np.asarray(sequence.labels, dtype=np.int64)
+            tree = (
+                {k: np.asarray(getattr(sequence, k), dtype=np.int32) for k in TREE_COLUMNS}
+                if self.options.trees
+                else {}
+            )
             out.append(
                 where
                 | {
                     "sample": n,
-                    "input_ids": np.asarray(sample.input_ids, dtype=np.int32),
+                    "input_ids": np.asarray(sequence.input_ids, dtype=np.int32),
                     "labels": labels,
                     "num_tokens": len(labels),
                     "num_trained": int((labels != IGNORE_INDEX).sum()),
+                    **tree,
                     **_NO_STATUS,
                     **(status if n == 0 else {}),
                 }
@@ -258,7 +274,11 @@ def count_lines(
             key = int(row["key"])
             stats = {"key": key, "file": file, "line": line}
             stats["copies"] = sampling_copies(key, weights[file]) if weights else 1
-            stats |= {name: int(row[name]) for name in ("samples", "tokens", "trained_tokens")}
+            # what is packed: the row's trees with tree packing, else its samples
+            trees = int(row["trees"])
+            stats["sequences"] = trees or int(row["samples"])
+            stats["tokens"] = int(row["tree_tokens"]) if trees else int(row["tokens"])
+            stats["trained_tokens"] = int(row["trained_tokens"]) - int(row["repeated_targets"])
             _count_split(summary, stats, threshold)
     return summary
 
@@ -267,7 +287,7 @@ def _count_split(summary: DatasetSummary, row: dict[str, Any], threshold: int, s
     """Count (sign 1) or uncount (sign -1) a trained row on its side of the split."""
     if row["key"] < threshold:
         summary.validation_rows += sign
-        summary.validation_samples += sign * row["samples"]
+        summary.validation_samples += sign * row["sequences"]
         if sign > 0:
             bisect.insort(summary.validation_lines, (row["file"], row["line"]))
             del summary.validation_lines[VALIDATION_LINES_KEPT:]
@@ -277,11 +297,11 @@ def _count_split(summary: DatasetSummary, row: dict[str, Any], threshold: int, s
         copies = sign * row["copies"]
         summary.train_rows += sign
         summary.unsampled_rows += sign * (row["copies"] == 0)
-        summary.train_samples += copies * row["samples"]
+        summary.train_samples += copies * row["sequences"]
         summary.train_tokens += copies * row["tokens"]
         summary.train_trained_tokens += copies * row["trained_tokens"]
         if summary.weights:  # each file's share of the training samples, for the weights' report
-            summary.files[row["file"]]["train_samples"] += copies * row["samples"]
+            summary.files[row["file"]]["train_samples"] += copies * row["sequences"]
     if sign > 0:
         summary.lowest = min(filter(None, (summary.lowest, row)), key=_row_key)
         summary.highest = max(filter(None, (summary.highest, row)), key=_row_key)
@@ -390,14 +410,16 @@ def pack_window(batch: dict[str, np.ndarray], budget: int | None) -> dict[str, A
     deterministic order."""
     rows = sorted(rows_of(batch), key=sample_order)
     window = int(rows[0]["window"])
-    out = pack_rows(columns_of(rows), budget) if budget else {k: [row[k] for row in rows] for k in SEQUENCE_COLUMNS}
+    columns = [k for k in (*SEQUENCE_COLUMNS, *TREE_COLUMNS) if k in batch]
+    out = pack_rows(columns_of(rows), budget) if budget else {k: [row[k] for row in rows] for k in columns}
     count = len(next(iter(out.values())))
     return out | {"window": [window] * count, "position": list(range(count))}
 
 
-def _windowed(ds: Any, samples: int, budget: int | None) -> Any:
-    """A Ray Dataset of samples as packs (or, budget None, samples) in their deterministic shuffled order."""
-    columns = [*SEQUENCE_COLUMNS, "key", "file", "sample"]
+def _windowed(ds: Any, samples: int, budget: int | None, trees: bool) -> Any:
+    """A Ray Dataset of samples (or prefix trees) as packs (or, budget None, as they are) in their
+    deterministic shuffled order."""
+    columns = [*SEQUENCE_COLUMNS, *(TREE_COLUMNS if trees else []), "key", "file", "sample"]
     windows = window_count(samples)
     windowed = ds.select_columns(columns).map_batches(add_window, fn_args=(windows,))
     if windows == 1:  # all in one block: no shuffle needed to gather it
@@ -473,11 +495,11 @@ def build_datasets(
     training = valid.filter(expr=col("key") >= threshold)
     if weights:
         training = training.map_batches(weigh_samples, fn_args=(weights,), batch_format="numpy")
-    train = _windowed(training, summary.train_samples, budget).materialize()
+    train = _windowed(training, summary.train_samples, budget, options.trees).materialize()
     validation = None
     if summary.validation_rows:
         held_out = valid.filter(expr=col("key") < threshold)
-        validation = _windowed(held_out, summary.validation_samples, budget).materialize()
+        validation = _windowed(held_out, summary.validation_samples, budget, options.trees).materialize()
     _finish_summary(summary, train.count(), packing, options.max_seq_length)
     return train, validation, summary
 

@@ -14,6 +14,7 @@ from sftcore.data import Conversation, DataError, LineCounts, parse_row
 from sftcore.masking import FULL_HISTORY, IGNORE_INDEX, WINDOW, EncodedRow, EncodeOptions, Sample, encode_conversation
 from sftcore.sources import read_jsonl
 from sftcore.templates import adapt_to_template, template_support
+from sftcore.trees import Tree, build_trees, tree_stats
 from sftcore.turns import render_turn
 
 _GREEN, _MAGENTA, _DIM, _RESET = "\x1b[1;32m", "\x1b[1;35m", "\x1b[2m", "\x1b[0m"
@@ -67,6 +68,7 @@ class DataReport(LineCounts):
     messages: int = 0
     split_rows: int = 0  # rows trained as several samples
     examples: list[tuple[str, int, EncodedRow]] = field(default_factory=list)  # (file, line, encoded)
+    example_trees: list[list[Tree]] = field(default_factory=list)  # each example row's prefix trees
     contract: dict[str, Counter] = field(default_factory=dict)  # file -> trained turns by contract outcome
 
 
@@ -87,13 +89,39 @@ def inspect_file(
         except DataError as e:
             report.reject(result.file, result.line, e)
             continue
-        report.add_row(result.file, result.line, encoded.stats())
+        trees = build_trees(encoded.samples, options.max_seq_length)  # as --tree_packing auto trains them
+        report.add_row(result.file, result.line, encoded.stats() | tree_stats(trees))
         report.contract.setdefault(result.file, Counter()).update(contract_outcomes(conv, tokenizer, encoded))
         report.messages += len(conv.messages)
         report.split_rows += len(encoded.samples) > 1
         if len(report.examples) < num_examples:
             report.examples.append((result.file, result.line, encoded))
+            report.example_trees.append(trees)
     return report
+
+
+def tree_outline(tree: Tree, tokenizer: Any, preview: int = 60) -> str:
+    """A prefix tree as its segments (runs of tokens each the child of the one before), in order: the
+    first sample's path, then each branch with the token it grows from, its size, the tokens it trains
+    and how it begins."""
+    starts = [i for i, parent in enumerate(tree.parents) if i == 0 or parent != i - 1]
+    ends = [*starts[1:], len(tree.parents)]
+    lines = []
+    for start, end in zip(starts, ends, strict=True):
+        parent = tree.parents[start]
+        trained = sum(label != IGNORE_INDEX for label in tree.labels[start:end])
+        begins = tokenizer.decode(tree.input_ids[start : start + 24])[:preview]
+        where = "first path" if parent < 0 else f"  branch from token {parent} (position {tree.position_ids[start]})"
+        lines.append(f"{where}: tokens {start}-{end - 1} ({end - start}, {trained} trained): {begins!r}")
+    return "\n".join(lines)
+
+
+def tree_title(path: str, line: int, trees: list[Tree], n: int) -> str:
+    tree = trees[n]
+    return (
+        f"{path}:{line} tree {n + 1}/{len(trees)}: {len(tree.input_ids)} tokens for {tree.samples} samples of "
+        f"{tree.sample_tokens} tokens, {tree.branches} branches"
+    )
 
 
 def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
@@ -107,6 +135,8 @@ def format_report(report: DataReport, max_lines_per_reason: int = 10) -> str:
         f"  messages: {report.messages}   trained assistant turns: {report.trained_turns}",
         f"  samples: {report.samples} ({report.split_rows} rows split into several)   tokens in samples / in rows: "
         f"{report.tokens} / {report.row_tokens} = {report.split_overhead:.2f}x",
+        f"  tokens: {report.token_costs()} (--tree_packing auto, {report.tree_tokens} tokens; "
+        f"{report.repeated_targets} targets two samples share, trained once)",
         f"  tokens: {report.tokens}   trained tokens: {report.trained_tokens} ({trained_pct:.1f}%)",
         f"  mean tokens/sample: {report.tokens / max(report.samples, 1):.0f}",
         f"  turns with a shortened history (--overflow window): {report.windowed_turns}   "

@@ -6,7 +6,8 @@ Features and limits, plainly:
   FSDP2 for full fine-tuning (--strategy fsdp: sharded weights, gradients, optimizer state and
   checkpoints; final/ is consolidated into one HF model).
 - fp32 weights; on GPUs that support it, bf16 autocast (LoRA: frozen base weights in bf16 there).
-- Packs reach the attention as sample boundaries, never as a mask (sftcore.attention).
+- Packs reach the attention as sample boundaries, never as a mask (sftcore.attention); prefix trees
+  (sftcore.trees) as segments and their ancestors' keys, each target predicted from its parent token.
 - AdamW, linear warmup then cosine/linear/constant, gradient clipping, gradient accumulation.
 - The loss of a step is the mean over every trained token of the global batch (all micro-batches,
   all workers), so 2 workers x batch 2 train exactly like 1 worker x batch 4.
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from sftcore.attention import READS_BOUNDARIES, resolve_attention, segment_boundaries
+from sftcore.attention import READS_BOUNDARIES, resolve_attention, segment_boundaries, tree_segments
 from sftcore.checkpoint import (
     ADAPTER_DIR,
     TrainerState,
@@ -87,27 +88,33 @@ LOSS_CHUNK_TOKENS = 1024  # trained positions per LM-head chunk: bounds the logi
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, Any]:
-    """Right-pad a micro-batch of rows, or of packs, into [batch, longest] tensors.
+    """Right-pad a micro-batch of rows, packs or prefix trees into [batch, longest] tensors.
 
-    The counts (num_tokens, num_trained) and the flat positions of the trained targets
-    (trained_index, over [batch, longest - 1]) come from the host arrays, so that neither the loop
-    nor the loss has to read anything back from the GPU to know them.
+    The counts (num_tokens, num_trained), the flat positions whose hidden states predict the trained
+    targets (trained_index, over [batch, longest]: the token before each target on its path) and the
+    targets themselves come from the host arrays, so that neither the loop nor the loss has to read
+    anything back from the GPU to know them.
 
     Rows get an attention mask. Packs get position ids instead (restarting at 0 for each sample
     inside, and for the padding tail), from which transformers' own attention implementations build
     a block-diagonal causal mask. Both get the sample boundaries (sftcore.attention), with which
-    packed_sdpa and flash_attention_2 need no mask at all."""
+    packed_sdpa and flash_attention_2 need no mask at all. Trees (``parents``: each token's parent)
+    get their tokens' positions in their samples and their segments' keys (sftcore.attention)."""
     packed = "position_ids" in batch
+    trees = "parents" in batch
     lengths = [len(ids) for ids in batch["input_ids"]]
     width = max(lengths)
     input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
     mask_or_positions = torch.zeros((len(lengths), width), dtype=torch.long)
-    segments, trained = [], []
+    segments, sources, targets, parents = [], [], [], []
     for i, (ids, lab) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
-        trained.append(i * (width - 1) + np.flatnonzero(np.asarray(lab[1:]) != IGNORE_INDEX))
+        lab = np.asarray(lab)
+        row_parents = np.asarray(batch["parents"][i]) if trees else np.arange(len(ids)) - 1
+        trained = np.flatnonzero((lab != IGNORE_INDEX) & (row_parents >= 0))
+        sources.append(i * width + row_parents[trained])
+        targets.append(lab[trained])
+        parents.append(row_parents)
         input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
         if packed:
             positions = np.asarray(batch["position_ids"][i])
             mask_or_positions[i, : len(ids)] = torch.as_tensor(positions, dtype=torch.long)
@@ -116,19 +123,24 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> 
         else:
             mask_or_positions[i, : len(ids)] = 1
             segments.append([len(ids)])
-    bounds, longest = segment_boundaries(segments, width)
-    bounds = bounds.to(device)
+    if trees:
+        bounds, key_bounds, key_index, longest, most_keys = tree_segments(parents, width)
+        attention = {"cu_seq_lens_k": key_bounds.to(device), "max_length_k": most_keys}
+        attention |= {"tree_key_index": key_index.to(device), "cu_seq_lens_q": bounds.to(device)}
+    else:
+        bounds, longest = segment_boundaries(segments, width)
+        bounds = bounds.to(device)
+        attention = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_k": longest}
+    trained_index = torch.as_tensor(np.concatenate(sources), dtype=torch.long)
     return {
         "input_ids": input_ids.to(device),
-        "labels": labels.to(device),
         ("position_ids" if packed else "attention_mask"): mask_or_positions.to(device),
-        "cu_seq_lens_q": bounds,
-        "cu_seq_lens_k": bounds,
+        **attention,
         "max_length_q": longest,
-        "max_length_k": longest,
-        "trained_index": torch.as_tensor(np.concatenate(trained), dtype=torch.long).to(device),
+        "trained_index": trained_index.to(device),
+        "trained_targets": torch.as_tensor(np.concatenate(targets), dtype=torch.long).to(device),
         "num_tokens": sum(lengths),
-        "num_trained": sum(len(t) for t in trained),
+        "num_trained": len(trained_index),
     }
 
 
@@ -163,27 +175,25 @@ class TrainedTokenLoss(torch.nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor,
+        trained_index: torch.Tensor,
+        trained_targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        trained_index: torch.Tensor | None = None,
         **boundaries: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``trained_index``: flat positions of the trained targets (collate; found here when absent,
-        which waits for the GPU). ``boundaries``: the samples' cumulative lengths, for the attention."""
+        """``trained_index``: the flat positions (over [batch, length]) whose hidden states predict
+        ``trained_targets`` (collate). ``boundaries``: the samples' (or tree segments') bounds and keys,
+        for the attention."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.reads_boundaries:
             inputs |= boundaries
-        flat_targets = labels[:, 1:].flatten()
-        if trained_index is None:
-            trained_index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-        targets = flat_targets.index_select(0, trained_index)
+        targets = trained_targets
         if self.full_logits:
-            logits = self.model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)
+            logits = self.model(**inputs, use_cache=False).logits.flatten(0, 1)
             logits = logits.index_select(0, trained_index).float()
             loss_sum = F.cross_entropy(logits, targets, reduction="sum")
             return loss_sum, (logits.argmax(-1) == targets).sum()
-        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+        hidden = self.decoder(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         hidden = hidden.index_select(0, trained_index)
         loss_sum = correct = torch.zeros((), device=input_ids.device)
         for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS), strict=True):
@@ -219,13 +229,12 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, device: torch.device)
     weights_in_checkpoint = resume_dir is not None and not cfg.use_lora and cfg.strategy == "ddp"
     source = resume_dir if weights_in_checkpoint else resolve_model_path(cfg.model_name_or_path)
     bf16_base = cfg.use_lora and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=torch.bfloat16 if bf16_base else torch.float32,
         attn_implementation=resolve_attention(
-            cfg.attn_implementation,
-            AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
-            cfg.max_seq_length,
+            cfg.attn_implementation, config, cfg.max_seq_length, cfg.trains_trees(config)
         ),
         trust_remote_code=cfg.trust_remote_code,
     )

@@ -58,13 +58,15 @@ _WINDOW_OMISSIONS = {
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """How rows become samples (set from TrainConfig: --max_seq_length, --history_rewrites, --overflow,
-    --train_on)."""
+    """How rows become training sequences (set from TrainConfig: --max_seq_length, --history_rewrites,
+    --overflow, --train_on, --tree_packing). ``trees``: a row's samples are then merged into prefix trees
+    (sftcore.trees); the samples themselves do not depend on it."""
 
     max_seq_length: int | None = None
     history_rewrites: str = "split"
     overflow: str = "window"
     train_on: str = "all"
+    trees: bool = False
 
 
 @dataclass

@@ -79,3 +79,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, chat_temp
     if chat_template:
         tokenizer.chat_template = load_chat_template(chat_template)
     return tokenizer
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's configuration (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)

@@ -114,21 +114,31 @@ def think_tokenizer():
 # --- training runs (tests/test_train.py, tests/test_faults.py) ---
 
 
-def save_tiny_model(path: Path, tokenizer, poisoned_token_id: int | None = None) -> str:
-    """A 2-layer random model with SmolLM2's architecture and tokenizer (ChatML template). With
-    poisoned_token_id, that token's input embedding is inf, so any row containing it has a NaN loss."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_llama_config(vocab_size: int, max_position_embeddings: int = 2048, **extra):
+    """A 2-layer Llama config, 4 query heads over 2 key/value heads (grouped-query attention)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_position_embeddings,
+        **extra,
+    )
+
+
+def save_tiny_model(path: Path, tokenizer, poisoned_token_id: int | None = None) -> str:
+    """A 2-layer random model with SmolLM2's architecture and tokenizer (ChatML template). With
+    poisoned_token_id, that token's input embedding is inf, so any row containing it has a NaN loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        len(tokenizer),
         tie_word_embeddings=poisoned_token_id is None,  # a poisoned tied head would poison every row
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -52,7 +52,10 @@ def in_threads_as_ranks(world: int, **kwargs) -> list[tuple]:
 
 def as_keys(sequences) -> list[tuple]:
     """The sequences in their order: both paths give the same packs in the same order."""
-    return [(tuple(s["input_ids"]), tuple(s["labels"]), tuple(s.get("position_ids", ()))) for s in sequences]
+    return [
+        (tuple(s["input_ids"]), tuple(s["labels"]), tuple(s.get("position_ids", ())), tuple(s.get("parents", ())))
+        for s in sequences
+    ]
 
 
 def on_both_paths(world: int, **options) -> tuple[list, list, object]:
@@ -98,17 +101,18 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing, weight)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packing", [True, False])
-def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing):
-    """Under Qwen3's template tau-bench rows become several samples each; a row's samples all go to the
-    same split, the counts add up, and the Ray Data and torchrun paths give the same sequences."""
+@pytest.mark.parametrize("packing,trees", [(True, False), (False, False), (True, True), (False, True)])
+def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing, trees):
+    """Under Qwen3's template tau-bench rows become several samples each (or prefix trees); a row's
+    samples all go to the same split, the counts add up, and the Ray Data and torchrun paths give the
+    same sequences."""
     lines = (DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:12]
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(lines) + "\n")
     options = {
         "data_path": str(data),
         "model_name_or_path": "smollm2-135m-instruct",
-        "options": EncodeOptions(max_seq_length=4096),
+        "options": EncodeOptions(max_seq_length=4096, trees=trees),
         "validation_split": 0.25,
         "seed": 3,
         "packing": packing,
@@ -118,10 +122,15 @@ def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_pat
     assert summary.train_rows + summary.validation_rows == 12 and summary.validation_rows >= 1
     assert summary.samples > 12
     assert summary.split_overhead > 1.5 and summary.trained_turns == summary.samples  # one turn per sample
+    sequences = summary.trees if trees else summary.samples
+    if trees:  # far fewer tokens, each tree's parents and positions along
+        assert summary.samples > summary.trees >= 12 and summary.tree_overhead < summary.split_overhead / 1.5
+        assert all(len(row["parents"]) == len(row["input_ids"]) for row in ray_train)
+    assert (summary.train_samples + summary.validation_samples) == sequences
     if not packing:
         train_lines = {row["line"] for row in ray_train}
         assert not train_lines & {row["line"] for row in ray_validation}
-        assert len(ray_train) + len(ray_validation) == summary.samples
+        assert len(ray_train) + len(ray_validation) == sequences
 
 
 @pytest.mark.slow

@@ -59,11 +59,19 @@ def model(request, tmp_path_factory, smollm2_tokenizer):
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=request.param, dtype=torch.float32).eval()
 
 
-def per_position_losses(model, batch) -> torch.Tensor:
-    inputs = {k: v for k, v in model_inputs(batch).items() if k not in ("labels", "trained_index")}
+def padded_labels(sequences: dict) -> torch.Tensor:
+    """The sequences' labels as one right-padded [batch, longest] tensor (collate's shape)."""
+    width = max(len(labels) for labels in sequences["labels"])
+    out = torch.full((len(sequences["labels"]), width), IGNORE_INDEX, dtype=torch.long)
+    for i, labels in enumerate(sequences["labels"]):
+        out[i, : len(labels)] = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return out
+
+
+def per_position_losses(model, batch, labels: torch.Tensor) -> torch.Tensor:
+    inputs = {k: v for k, v in model_inputs(batch).items() if not k.startswith("trained_")}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
 
 
 @torch.no_grad()
@@ -71,20 +79,22 @@ def test_each_row_scores_the_same_packed_as_alone(model, encoded_rows):
     cpu = torch.device("cpu")
     alone = []
     for ids, labels in zip(encoded_rows["input_ids"], encoded_rows["labels"], strict=True):
-        batch = collate({"input_ids": [ids], "labels": [labels]}, 0, cpu)
-        alone.append(per_position_losses(model, batch)[0][batch["labels"][0, 1:] != IGNORE_INDEX])
+        row = {"input_ids": [ids], "labels": [labels]}
+        losses = per_position_losses(model, collate(row, 0, cpu), padded_labels(row))[0]
+        alone.append(losses[labels[1:] != IGNORE_INDEX])
 
     packs = pack_rows(encoded_rows, budget=2048)
     order = [i for b in best_fit_decreasing([len(x) for x in encoded_rows["input_ids"]], 2048) for i in sorted(b)]
     batch = collate(packs, 0, cpu)  # all packs in one micro-batch: [packs, longest pack], padded
     assert "attention_mask" not in batch
-    losses = per_position_losses(model, batch)
+    labels = padded_labels(packs)
+    losses = per_position_losses(model, batch, labels)
     packed = []
     for p in range(len(packs["input_ids"])):
         positions = batch["position_ids"][p, : packs["num_tokens"][p]]
         starts = [*torch.nonzero(positions == 0).flatten().tolist(), int(packs["num_tokens"][p])]
         for start, end in zip(starts, starts[1:], strict=False):
-            targets = batch["labels"][p, start + 1 : end]
+            targets = labels[p, start + 1 : end]
             packed.append(losses[p, start : end - 1][targets != IGNORE_INDEX])
     assert len(packed) == 12
     for row, got in zip(order, packed, strict=True):
@@ -93,15 +103,20 @@ def test_each_row_scores_the_same_packed_as_alone(model, encoded_rows):
 
 def test_trained_positions_loss_and_gradients_equal_the_full_logits_ones(model, encoded_rows, monkeypatch):
     monkeypatch.setattr(sftcore.loop, "LOSS_CHUNK_TOKENS", 37)  # many chunks, one ragged
-    batch = collate(pack_rows(encoded_rows, budget=2048), 0, torch.device("cpu"))
-    trained = batch["labels"][:, 1:] != IGNORE_INDEX
-    # collate's host-side counts and trained positions are the labels' own
+    packs = pack_rows(encoded_rows, budget=2048)
+    batch = collate(packs, 0, torch.device("cpu"))
+    labels = padded_labels(packs)
+    trained = labels[:, 1:] != IGNORE_INDEX
+    # collate's host-side counts, sources and targets are the labels' own: position j predicts label j + 1
+    width = labels.shape[1]
+    rows, columns = trained.nonzero(as_tuple=True)
     assert batch["num_trained"] == int(trained.sum())
-    assert batch["trained_index"].tolist() == trained.flatten().nonzero().flatten().tolist()
+    assert batch["trained_index"].tolist() == (rows * width + columns).tolist()
+    assert batch["trained_targets"].tolist() == labels[rows, columns + 1].tolist()
     assert batch["num_tokens"] == sum(len(ids) for ids in encoded_rows["input_ids"])
 
     model.zero_grad()
-    expected = per_position_losses(model, batch)[trained].sum()
+    expected = per_position_losses(model, batch, labels)[trained].sum()
     expected.backward()
     expected_grads = [p.grad.clone() for p in model.parameters()]
 
@@ -109,8 +124,6 @@ def test_trained_positions_loss_and_gradients_equal_the_full_logits_ones(model, 
     loss_sum, correct = TrainedTokenLoss(model)(**model_inputs(batch))
     loss_sum.backward()
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-4)
-    without_index = {k: v for k, v in model_inputs(batch).items() if k != "trained_index"}
-    torch.testing.assert_close(TrainedTokenLoss(model)(**without_index)[0], loss_sum)
     for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert 0 <= int(correct) <= int(trained.sum())

@@ -18,7 +18,15 @@ import time
 
 from sftcore.config import RENDERING_OPTIONS, TrainConfig, add_config_arguments
 from sftcore.data import DataError
-from sftcore.inspection import format_report, highlight_html, highlight_terminal, inspect_file, sample_title
+from sftcore.inspection import (
+    format_report,
+    highlight_html,
+    highlight_terminal,
+    inspect_file,
+    sample_title,
+    tree_outline,
+    tree_title,
+)
 from sftcore.models import load_tokenizer
 
 
@@ -50,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     color = sys.stdout.isatty() and not no_color
     legend = "trained text in green, its reasoning in magenta" if color else "trained text in [[ ]], reasoning in (( ))"
-    for file, line, encoded in report.examples:
+    for (file, line, encoded), trees in zip(report.examples, report.example_trees, strict=True):
         for n, sample in enumerate(encoded.samples):
             print(f"--- {sample_title(file, line, encoded, n)}: {legend} ---")
             print(highlight_terminal(sample, tokenizer, color=color, context_chars=context_chars))
+        for n, tree in enumerate(trees):
+            print(f"--- {tree_title(file, line, trees, n)}: trained as one sequence ---")
+            print(tree_outline(tree, tokenizer))
     print("--- report ---")
     print(format_report(report))
     if html_path:

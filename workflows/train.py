@@ -23,7 +23,7 @@ from sftcore.config import TrainConfig, parse_config, save_resolved_config
 from sftcore.console import Progress, configure_console_logging, quiet_libraries, summarize_run
 from sftcore.data import NOT_BAD_INPUT, DataError
 from sftcore.dataset import DatasetSummary
-from sftcore.models import load_tokenizer
+from sftcore.models import load_model_config, load_tokenizer
 from sftcore.runtime import TorchrunRuntime, relay_events
 from sftcore.sources import read_jsonl, resolve_data_files
 from sftcore.storage import StoragePath, first_line
@@ -249,16 +249,15 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
     steps_per_epoch, total_steps = plan_steps(cfg, summary.train_sequences)
     if speak:
         logger.info(
-            "data: %d lines (%d blank, %d rejected) -> %d train rows, %d validation rows; %d samples "
-            "(%.2fx the rows' tokens; %d turns trained, %d of them with a shortened history, %d did not fit "
-            "%d tokens); train: %d tokens, %d trained; %d steps (%d per epoch)",
+            "data: %d lines (%d blank, %d rejected) -> %d train rows, %d validation rows; tokens %s (%d turns "
+            "trained, %d of them with a shortened history, %d did not fit %d tokens); train: %d tokens, %d trained; "
+            "%d steps (%d per epoch)",
             summary.lines,
             summary.blank_lines,
             summary.rejected_total,
             summary.train_rows,
             summary.validation_rows,
-            summary.samples,
-            summary.split_overhead,
+            summary.token_costs(),
             summary.trained_turns,
             summary.windowed_turns,
             summary.dropped_turns,
@@ -270,9 +269,10 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
         )
         if summary.packing_efficiency is not None:
             logger.info(
-                "packing: %d train rows (%d samples) -> %d packs of up to %d tokens, %.1f%% real tokens",
+                "packing: %d train rows (%d %s) -> %d packs of up to %d tokens, %.1f%% real tokens",
                 summary.train_rows,
                 summary.train_samples,
+                "trees" if summary.trees else "samples",
                 summary.train_sequences,
                 cfg.max_seq_length,
                 100 * summary.packing_efficiency,
@@ -351,14 +351,15 @@ def check_chat_template(cfg: TrainConfig) -> None:
         raise UsageError(f"--model_name_or_path {cfg.model_name_or_path}: {e}") from None
 
 
-def prepare(cfg: TrainConfig) -> StoragePath:
+def prepare(cfg: TrainConfig) -> tuple[StoragePath, bool]:
+    """(the output directory, whether rows train as prefix trees), after the checks that take seconds."""
     resolve_data_files(cfg.data_path)  # fail in a second, not after Ray or the process group has started
     if cfg.chat_template:  # workers get the template's text: they may not see the file (other nodes, other cwd)
         cfg.chat_template = load_chat_template(cfg.chat_template)
     output_dir = check_output_dir(cfg)
     cfg.output_dir = output_dir.uri  # absolute: workers do not share the driver's working directory
     check_chat_template(cfg)
-    return output_dir
+    return output_dir, cfg.trains_trees(load_model_config(cfg.model_name_or_path, cfg.trust_remote_code))
 
 
 def run(cfg: TrainConfig, started: float) -> int:
@@ -367,7 +368,7 @@ def run(cfg: TrainConfig, started: float) -> int:
 
     from sftcore.dataset import build_datasets
 
-    output_dir = prepare(cfg)
+    output_dir, trees = prepare(cfg)
     save_resolved_config(cfg, output_dir)
     init_ray(cfg)
     check_output_dir_is_shared(output_dir)
@@ -379,7 +380,7 @@ def run(cfg: TrainConfig, started: float) -> int:
     train, validation, summary = build_datasets(
         cfg.data_path,
         cfg.model_name_or_path,
-        cfg.encode_options(),
+        cfg.encode_options(trees),
         cfg.validation_split,
         cfg.seed,
         encoder_concurrency=max(1, min(4, int(resources.get("CPU", 1)))),
@@ -447,7 +448,7 @@ def run_under_torchrun(cfg: TrainConfig, started: float) -> int:
     from sftcore.loop import CheckpointWriteError, NonFiniteLossError, run_worker
     from sftcore.parallel import gather_objects
 
-    output_dir = prepare(cfg)  # every process checks before any of them writes (init is a rendezvous)
+    output_dir, trees = prepare(cfg)  # every process checks before any of them writes (init is a rendezvous)
     runtime = TorchrunRuntime()
     try:
         if cfg.num_workers != runtime.world and runtime.rank == 0:
@@ -458,7 +459,7 @@ def run_under_torchrun(cfg: TrainConfig, started: float) -> int:
         train, validation, summary = build_sequences(
             cfg.data_path,
             cfg.model_name_or_path,
-            cfg.encode_options(),
+            cfg.encode_options(trees),
             cfg.validation_split,
             cfg.seed,
             trust_remote_code=cfg.trust_remote_code,
