@@ -69,15 +69,15 @@ def real_vocab_tokenizer(name: str):
     return real_tokenizer(name)
 
 
-def measure(name: str, path: Path, max_seq_length: int | None, real_vocab: bool = False) -> dict:
+def measure(name: str, path: Path, args: argparse.Namespace, real_vocab: bool = False) -> dict:
     from sftcore.data import DataError, LineCounts, parse_line, parse_row
     from sftcore.inspection import EXACT, contract_outcomes
     from sftcore.masking import EncodeOptions, encode_conversation
     from sftcore.templates import adapt_to_template, template_support
     from sftcore.trees import build_trees
 
+    options = EncodeOptions(max_seq_length=args.max_seq_length, window_slack=args.window_slack)
     tokenizer = real_vocab_tokenizer(name) if real_vocab else family_tokenizer(name)
-    options = EncodeOptions(max_seq_length=max_seq_length)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     counts = LineCounts(path=str(path))
     template_support(tokenizer)  # probed once per template, outside the timing
@@ -97,7 +97,7 @@ def measure(name: str, path: Path, max_seq_length: int | None, real_vocab: bool 
     tree_tokens = 0  # the samples merged into prefix trees (--tree_packing auto), outside the timing too
     for conv, encoded in encoded_rows:
         contract.update(contract_outcomes(conv, tokenizer, encoded))
-        tree_tokens += sum(len(tree.input_ids) for tree in build_trees(encoded.samples, max_seq_length))
+        tree_tokens += sum(len(tree.input_ids) for tree in build_trees(encoded.samples, options.max_seq_length))
     start = time.process_time()
     for line in lines:
         try:
@@ -128,7 +128,7 @@ def survey(templates: list[str], args: argparse.Namespace) -> None:
     trained_enough = fallback = 0
     for template in templates:
         try:
-            results = [measure(template, Path(path), args.max_seq_length) for path in args.data]
+            results = [measure(template, Path(path), args) for path in args.data]
         except ValueError as e:  # the template as a whole is refused (no template, or ambiguous turn ends)
             print(f"{Path(template).name[:48]:48}   refused: {e}")
             continue
@@ -153,11 +153,16 @@ def _not_exact(contract: Counter) -> dict[str, int]:
 
 
 def main() -> None:
+    from sftcore.masking import EncodeOptions
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--data", nargs="+", default=[str(DATA / "taubench_airline_dev.jsonl"), str(DATA / "fireact_hotpotqa.jsonl")]
     )
     parser.add_argument("--max_seq_length", type=int, default=None, help="default: no limit (whole rows)")
+    parser.add_argument(
+        "--window_slack", type=float, default=EncodeOptions.window_slack, help="as train.py's (with a length)"
+    )
     parser.add_argument("--families", default=None, help="comma-separated; default: chatml and every verbatim family")
     parser.add_argument(
         "--templates_dir",
@@ -183,15 +188,13 @@ def main() -> None:
         survey(sorted(str(p) for p in Path(args.templates_dir).glob("*.jinja")), args)
         return
 
-    results = [
-        measure(name, Path(path), args.max_seq_length, args.real_vocabs) for name in families for path in args.data
-    ]
+    results = [measure(name, Path(path), args, args.real_vocabs) for name in families for path in args.data]
     vocabulary = "each model's real vocabulary" if args.real_vocabs else "SmolLM2's with each family's special tokens"
     print(
-        f"max_seq_length: {args.max_seq_length or 'none'}; {vocabulary}; one core; rows/s: parse, render, mask, "
-        "tokenize (sftcore); once: render and tokenize each row once, no masks (the floor); overhead: the samples' "
-        "tokens / the rows' as one sequence; as trees: the prefix trees' (--tree_packing auto); contract: the "
-        "trained turns whose prompt and tokens a fresh render confirms"
+        f"max_seq_length: {args.max_seq_length or 'none'}, window_slack {args.window_slack}; {vocabulary}; one core; "
+        "rows/s: parse, render, mask, tokenize (sftcore); once: render and tokenize each row once, no masks "
+        "(the floor); overhead: the samples' tokens / the rows' as one sequence; as trees: the prefix trees' "
+        "(--tree_packing auto); contract: the trained turns whose prompt and tokens a fresh render confirms"
     )
     columns = f"{'family':26} {'file':28} {'trained':>9} {'samples':>8} {'overhead':>9} {'as trees':>9} {'contract':>9}"
     print(columns + f" {'rows/s':>7} {'once':>7}  not trained / left out / not exact")

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,14 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
+from sftcore.models import native_bf16
+
 PACKED_SDPA = "packed_sdpa"
 PACKED_VARLEN = "packed_varlen"
-ATTENTION_CHOICES = ("auto", PACKED_SDPA, PACKED_VARLEN, "sdpa", "eager", "flash_attention_2")
+PACKED_EAGER = "packed_eager"
+ATTENTION_CHOICES = ("auto", PACKED_SDPA, PACKED_VARLEN, PACKED_EAGER, "sdpa", "eager", "flash_attention_2")
 # The implementations that read the boundaries; others get none (a remote-code model may refuse them).
-READS_BOUNDARIES = (PACKED_SDPA, PACKED_VARLEN, "flash_attention_2")
+READS_BOUNDARIES = (PACKED_SDPA, PACKED_VARLEN, PACKED_EAGER, "flash_attention_2")
 
 
 def segment_boundaries(lengths: list[list[int]], width: int) -> tuple[torch.Tensor, int]:
@@ -106,6 +110,13 @@ def _segment_attention(
     return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=gqa, **causal)
 
 
+def _flattened(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[batch, heads, length, dim] as [1, heads, batch * length, dim]: a batch's segments one after the
+    other. 4-D, as sdpa's CPU flash kernel takes (3-D inputs fall back to the math kernel, which keeps
+    a segment x segment matrix per head for backward)."""
+    return [t.transpose(0, 1).reshape(1, t.shape[1], t.shape[0] * t.shape[2], t.shape[3]) for t in tensors]
+
+
 def packed_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -120,14 +131,13 @@ def packed_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each segment (each tree segment over its ancestors too). query [batch,
-    heads, length, dim], key and value [batch, kv heads, length, dim]; returns [batch, length, heads, dim]
-    as transformers expects."""
-    batch, heads, length, dim = query.shape
+    heads, length, dim], key [batch, kv heads, length, dim], value [batch, kv heads, length, value dim]
+    (multi-head latent attention has its own); returns [batch, length, heads, value dim] as transformers
+    expects."""
+    _refuse_uncomputed(PACKED_SDPA, query, kwargs)
+    batch, heads, length, _ = query.shape
     bounds = _boundaries(query, key, cu_seq_lens_q, None)[0].tolist()
-    # [1, heads, batch * length, dim]: sdpa's CPU flash kernel takes 4-D inputs only (3-D ones fall
-    # back to the math kernel, which keeps a segment x segment matrix per head for backward).
-    flat = [t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value)]
-    query, key, value = flat
+    query, key, value = _flattened(query, key, value)
     key_bounds = bounds
     if tree_key_index is not None:
         key, value = (t.index_select(2, tree_key_index) for t in (key, value))
@@ -137,8 +147,73 @@ def packed_sdpa(
         for start, end, k0, k1 in zip(bounds, bounds[1:], key_bounds, key_bounds[1:], strict=False)
         if end > start
     ]
-    output = torch.cat(outputs, dim=2).reshape(heads, batch, length, dim)
+    output = torch.cat(outputs, dim=2).reshape(heads, batch, length, value.shape[3])
     return output.permute(1, 2, 0, 3).contiguous(), None
+
+
+# Keyword arguments with which transformers asks an attention function for more than causal softmax
+# attention: the packed kernels do not compute them, so they refuse them rather than ignore them.
+_UNCOMPUTED = {"s_aux": "attention sinks", "softcap": "attention-logit soft-capping"}
+
+
+def _refuse_uncomputed(kernel: str, query: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    asked = [what for name, what in _UNCOMPUTED.items() if kwargs.get(name) is not None]
+    window = kwargs.get("sliding_window")
+    if window is not None and window < query.shape[2]:  # a window as long as the batch changes nothing
+        asked.append(f"a {window}-token sliding window")
+    if asked:
+        raise ValueError(
+            f"--attn_implementation {kernel} does not compute this model's {' and '.join(asked)}: use "
+            "--attn_implementation auto, which picks transformers' attention for it"
+        )
+
+
+def _model_eager_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The eager attention function of the module's own modeling file (transformers names it
+    ``eager_attention_forward`` in every model)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"--attn_implementation {PACKED_EAGER}: {type(module).__name__} has no eager_attention_forward in its "
+            "modeling file: use --attn_implementation eager"
+        )
+    return eager
+
+
+def packed_eager(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The model's own eager attention, per segment, with a causal mask of the segment's size (sliding
+    where the layer slides): what the model computes beyond causal softmax (gpt-oss's sinks, Gemma-2's
+    soft-capping) is computed by the model's code, and memory grows with the segment squared, not the
+    pack's. Some models (gpt-oss) build no per-sample masks from packed position ids at all."""
+    eager = _model_eager_attention(module)
+    window = sliding_window or getattr(module, "sliding_window", None)
+    batch, heads, length, _ = query.shape
+    bounds = _boundaries(query, key, cu_seq_lens_q, None)[0].tolist()
+    query, key, value = _flattened(query, key, value)
+    outputs = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end == start:
+            continue
+        index = torch.arange(end - start, device=query.device)
+        seen = index[None, :] <= index[:, None]
+        if window:  # as transformers' sliding-window masks: a query sees the last `window` positions
+            seen &= index[:, None] - index[None, :] < window
+        mask = torch.zeros(seen.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~seen, torch.finfo(query.dtype).min)[None, None]
+        part = (t[:, :, start:end] for t in (query, key, value))
+        outputs.append(eager(module, *part, mask, dropout=dropout, scaling=scaling, **kwargs)[0])
+    return torch.cat(outputs, dim=1).reshape(batch, length, heads, value.shape[3]), None
 
 
 def _varlen_kernel() -> Any | None:
@@ -165,6 +240,7 @@ def packed_varlen(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """packed_sdpa's attention in one call of torch's varlen flash kernel (CUDA, bf16 or fp16)."""
+    _refuse_uncomputed(PACKED_VARLEN, query, kwargs)
     if dropout:
         raise ValueError(
             "--attn_implementation packed_varlen has no attention dropout; this model asks for "
@@ -201,6 +277,7 @@ def packed_varlen(
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa)
 AttentionInterface.register(PACKED_VARLEN, packed_varlen)
+AttentionInterface.register(PACKED_EAGER, packed_eager)
 
 
 @contextlib.contextmanager
@@ -212,6 +289,8 @@ def unpacked_attention(model: torch.nn.Module) -> Iterator[None]:
     trained_with = config._attn_implementation
     if trained_with in (PACKED_SDPA, PACKED_VARLEN):
         config._attn_implementation = "sdpa"
+    elif trained_with == PACKED_EAGER:  # sdpa would not compute what it does
+        config._attn_implementation = "eager"
     try:
         yield
     finally:
@@ -221,12 +300,27 @@ def unpacked_attention(model: torch.nn.Module) -> Iterator[None]:
 TREE_KERNELS = (PACKED_SDPA, PACKED_VARLEN)  # the implementations that compute prefix trees
 
 
-def _needs_transformers_sdpa(config: Any, max_seq_length: int) -> bool:
-    """Models whose attention the packed kernels do not compute: attention-logit soft-capping, sliding
-    windows shorter than the sequences."""
+def uncomputed_attention(config: Any, max_seq_length: int) -> list[str]:
+    """What a model's attention computes beyond causal softmax attention, which the packed kernels do
+    not: attention-logit soft-capping (Gemma-2), sliding windows shorter than the sequences (Gemma-2/3,
+    Cohere2, gpt-oss, Mistral's older configs), attention sinks (gpt-oss)."""
     window = getattr(config, "sliding_window", None)
     uses_window = bool(window) and window < max_seq_length and getattr(config, "use_sliding_window", True) is not False
-    return bool(getattr(config, "attn_logit_softcapping", None)) or uses_window
+    found = ["attention-logit soft-capping"] if getattr(config, "attn_logit_softcapping", None) else []
+    found += [f"a {window}-token sliding window"] if uses_window else []
+    # gpt-oss's sinks are a learned parameter of every attention layer, not a config field
+    return found + (["attention sinks"] if getattr(config, "model_type", None) == "gpt_oss" else [])
+
+
+def check_attention(choice: str, config: Any, max_seq_length: int) -> None:
+    """Raises ValueError, before any model loads, for a packed kernel asked for a model whose attention
+    it does not compute (the kernels would refuse it in the first step anyway)."""
+    uncomputed = uncomputed_attention(config, max_seq_length)
+    if choice in TREE_KERNELS and uncomputed:
+        raise ValueError(
+            f"--attn_implementation {choice} does not compute this model's {' and '.join(uncomputed)}: use "
+            "--attn_implementation auto, which picks transformers' attention for it"
+        )
 
 
 def trains_trees(choice: str, tree_packing: str, config: Any, max_seq_length: int) -> bool:
@@ -235,19 +329,20 @@ def trains_trees(choice: str, tree_packing: str, config: Any, max_seq_length: in
     compute)."""
     if tree_packing == "off":
         return False
-    return choice in TREE_KERNELS or (choice == "auto" and not _needs_transformers_sdpa(config, max_seq_length))
+    return choice in TREE_KERNELS or (choice == "auto" and not uncomputed_attention(config, max_seq_length))
 
 
-def resolve_attention(choice: str, config: Any, max_seq_length: int, trees: bool = False) -> str:
-    """The attention implementation to load the model with. auto on CUDA: flash_attention_2 with
-    flash-attn installed (not for trees, whose keys it cannot gather), else packed_varlen (torch >=
-    2.10, bf16); elsewhere packed_sdpa. Models whose attention the packed kernels do not compute keep
-    transformers' sdpa."""
+def resolve_attention(choice: str, config: Any, max_seq_length: int, trees: bool = False) -> str | None:
+    """The attention implementation to load the model with. auto on a GPU with bf16 in hardware:
+    flash_attention_2 with flash-attn installed (not for trees, whose keys it cannot gather), else
+    packed_varlen (torch >= 2.10); elsewhere packed_sdpa. Models whose attention packed_sdpa and packed_varlen do not
+    compute get packed_eager (their own eager attention per sample), or, for remote code (whose
+    modeling file we cannot see), transformers' default for the class (None)."""
     if choice != "auto":
         return choice
-    if _needs_transformers_sdpa(config, max_seq_length):
-        return "sdpa"
-    if torch.cuda.is_available():
+    if uncomputed_attention(config, max_seq_length):
+        return None if getattr(config, "auto_map", None) else PACKED_EAGER
+    if native_bf16():  # both flash kernels need bf16 in hardware (sm80 on)
         if not trees:
             try:
                 import flash_attn  # noqa: F401
@@ -255,6 +350,6 @@ def resolve_attention(choice: str, config: Any, max_seq_length: int, trees: bool
                 return "flash_attention_2"
             except ImportError:
                 pass
-        if _varlen_kernel() is not None and torch.cuda.is_bf16_supported():
+        if _varlen_kernel() is not None:
             return PACKED_VARLEN
     return PACKED_SDPA

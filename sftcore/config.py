@@ -65,8 +65,14 @@ class TrainConfig:
     overflow: str = _opt(
         "window",
         "a turn whose history does not fit --max_seq_length: window: train it with the system prompt, the first "
-        "user message and as much recent history as fits; truncate: drop it (and every later turn of the row)",
+        "user message and recent history (--window_slack); truncate: drop it (and every later turn of the row)",
         OVERFLOW,
+    )
+    window_slack: float = _opt(
+        0.5,
+        "with --overflow window: the share of a shortened history's room for recent messages that it leaves to "
+        "the turns after it, so that they train over the same start (one prefix tree) instead of one sequence "
+        "each; each such turn keeps at least the rest; 0: each turn the most recent history that fits",
     )
     history_rewrites: str = _opt(
         "split",
@@ -101,10 +107,11 @@ class TrainConfig:
         "auto",
         "attention kernel. packed_sdpa: causal sdpa over each sample (each tree segment over its ancestors), no "
         "pack-wide mask (memory grows with the sample, not the pack squared); packed_varlen: the same in one call of "
-        "torch's varlen flash kernel (CUDA, torch >= 2.10); sdpa / eager: transformers' own, with a block mask for "
-        "packs, no trees; flash_attention_2 needs flash-attn, no trees. auto: on CUDA flash_attention_2 when "
-        "installed and no trees, else packed_varlen; elsewhere packed_sdpa (sdpa for models with soft-capped or "
-        "sliding-window attention)",
+        "torch's varlen flash kernel (CUDA, torch >= 2.10); packed_eager: the model's own eager attention over each "
+        "sample (sinks, soft-capping, sliding windows), no trees; sdpa / eager: transformers' own, with a block mask "
+        "for packs, no trees; flash_attention_2 needs flash-attn, no trees. auto: on CUDA flash_attention_2 when "
+        "installed and no trees, else packed_varlen; elsewhere packed_sdpa; packed_eager for models whose attention "
+        "computes more than causal softmax (gpt-oss, Gemma-2/3, Cohere2, sliding windows)",
         ATTENTION_CHOICES,
     )
     gradient_checkpointing: bool | None = _opt(
@@ -210,8 +217,9 @@ class TrainConfig:
             )
         if self.gpus_per_worker < 1:
             raise ValueError(f"--gpus_per_worker must be at least 1, got {self.gpus_per_worker}")
-        if not 0 <= self.validation_split < 1:
-            raise ValueError(f"--validation_split must be in [0, 1), got {self.validation_split}")
+        for name in ("validation_split", "window_slack"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
 
     def trains_trees(self, model_config: Any) -> bool:
         """Whether rows train as prefix trees with this model (sftcore.attention.trains_trees)."""
@@ -219,7 +227,9 @@ class TrainConfig:
 
     def encode_options(self, trees: bool = False) -> EncodeOptions:
         """How rows become training sequences (sftcore.masking; ``trees``: sftcore.attention.trains_trees)."""
-        return EncodeOptions(self.max_seq_length, self.history_rewrites, self.overflow, self.train_on, trees)
+        return EncodeOptions(
+            self.max_seq_length, self.history_rewrites, self.overflow, self.train_on, self.window_slack, trees
+        )
 
 
 # The options that decide what a row renders into: the tools that show or score training's samples
@@ -229,11 +239,42 @@ RENDERING_OPTIONS = (
     "model_name_or_path",
     "max_seq_length",
     "overflow",
+    "window_slack",
     "history_rewrites",
     "train_on",
     "chat_template",
     "trust_remote_code",
 )
+
+# The options that decide which sequences each worker gets at each step. A checkpoint's place in the
+# data counts batches of its run's plan: resumed under another plan it would replay other rows, or run
+# past the end of an epoch. (--max_steps and --num_epochs may grow: the run then continues.)
+DATA_PLAN = (
+    "strategy",
+    "num_workers",
+    "per_device_batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "overflow",
+    "window_slack",
+    "history_rewrites",
+    "train_on",
+    "packing",
+    "tree_packing",
+    "validation_split",
+    "seed",
+)
+
+
+def plan_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The data-plan options that differ from the saved run's, as ``--name saved (now new)``."""
+    flags = {f.name: (f.metadata["aliases"] or (f"--{f.name}",))[0] for f in dataclasses.fields(TrainConfig)}
+    return [
+        f"{flags[name]} {saved[name]} (now {getattr(cfg, name)})"
+        for name in DATA_PLAN
+        if name in saved and saved[name] != getattr(cfg, name)
+    ]
+
 
 RESOLVED_CONFIG_FILE = "train_config.yaml"  # in output_dir: every option of the run, for --config
 

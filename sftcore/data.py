@@ -399,6 +399,7 @@ def parse_row(row: Any, train_on: str = "all") -> Conversation:
         tools = tools or None
 
     messages = prompt + [m for m, _ in completion]
+    _check_unicode(messages, tools)
     wanted = [False] * len(prompt) + [wants for _, wants in completion]
     trained = _trained_by_preset(messages, wanted, train_on)
     if not any(trained):
@@ -416,8 +417,31 @@ def parse_row(row: Any, train_on: str = "all") -> Conversation:
     return Conversation(messages=messages, trained=trained, tools=tools)
 
 
+def _check_unicode(messages: list[dict], tools: list[dict] | None) -> None:
+    """JSON's \\u escapes can write half of a surrogate pair, which no tokenizer can encode: refuse the
+    row here, naming the text, rather than fail inside an encoder."""
+    try:
+        json.dumps([messages, tools], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        around = e.object[max(0, e.start - 30) : e.end + 30]
+        raise DataError(
+            f"not valid Unicode: a lone surrogate {e.object[e.start : e.end]!r} (a \\u escape of half a pair) in "
+            f"...{around!r}...",
+            "invalid_text",
+        ) from None
+
+
+# A line longer than this is rejected (line_too_long) as it is read, not held: one unterminated line
+# (a truncated upload, a binary file) must not fill a reader's memory. Agent runs with long tool
+# outputs take a few MB.
+MAX_LINE_BYTES = 256 << 20
+LINE_TOO_LONG = b"\x00sftcore: line too long"  # what sftcore.sources reads in place of such a line
+
+
 def parse_line(line: bytes | str) -> dict[str, Any]:
     """Decode one JSONL line into a row object (not yet validated as a conversation)."""
+    if line == LINE_TOO_LONG:
+        raise DataError(f"line longer than {MAX_LINE_BYTES >> 20} MiB (a missing newline?)", "line_too_long")
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")

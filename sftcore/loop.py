@@ -54,8 +54,9 @@ from sftcore.checkpoint import (
 )
 from sftcore.config import TrainConfig
 from sftcore.evaluation import evaluate_turns, hf_generator, row_turns, summarize, tool_call_syntax
+from sftcore.heads import LogitTransform, logit_transform
 from sftcore.masking import IGNORE_INDEX
-from sftcore.models import load_tokenizer, resolve_model_path
+from sftcore.models import load_tokenizer, native_bf16, resolve_model_path
 from sftcore.parallel import (
     all_finite,
     all_reduce_sum,
@@ -70,7 +71,7 @@ from sftcore.parallel import (
 )
 from sftcore.runtime import RayRuntime, WorkerRuntime, checkpoint_to_resume
 from sftcore.storage import StoragePath
-from sftcore.throughput import flops_per_token, peak_flops, peak_memory_gb, reset_peak_memory
+from sftcore.throughput import peak_flops, peak_memory_gb, reset_peak_memory, step_flops
 from sftcore.tracking import MetricsLogger, stable_run_id
 
 logger = logging.getLogger(__name__)
@@ -145,9 +146,9 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> 
 
 
 def _chunk_loss(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+    head: torch.nn.Module, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden).float()
+    logits = transform(head(hidden).float())
     loss_sum = F.cross_entropy(logits, targets, reduction="sum")
     return loss_sum, (logits.argmax(-1) == targets).sum()
 
@@ -157,17 +158,17 @@ class TrainedTokenLoss(torch.nn.Module):
     number of correct argmax predictions there).
 
     The LM head runs only on trained positions, in chunks recomputed in backward, so logits memory
-    scales with LOSS_CHUNK_TOKENS, not with sequence length x vocabulary. Models that post-process
-    logits (soft-capping, scaling) take the plain full-logits path."""
+    scales with LOSS_CHUNK_TOKENS, not with sequence length x vocabulary, followed by the model's own
+    post-processing of its logits (sftcore.heads: scaling, soft-capping). Model types whose
+    post-processing is not known take the model's full logits."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = causal_lm.config
-        self.full_logits = bool(
-            getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-        )
+        self.transform = logit_transform(config)
+        self.full_logits = self.transform is None
         self.decoder = None if self.full_logits else causal_lm.get_decoder()
         self.head = causal_lm.get_output_embeddings()
         self.reads_boundaries = config._attn_implementation in READS_BOUNDARIES
@@ -198,7 +199,7 @@ class TrainedTokenLoss(torch.nn.Module):
         loss_sum = correct = torch.zeros((), device=input_ids.device)
         for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS), strict=True):
             chunk_loss, chunk_correct = torch.utils.checkpoint.checkpoint(
-                _chunk_loss, self.head, h, t, use_reentrant=False
+                _chunk_loss, self.head, self.transform, h, t, use_reentrant=False
             )
             loss_sum, correct = loss_sum + chunk_loss, correct + chunk_correct
         return loss_sum, correct
@@ -228,7 +229,7 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, device: torch.device)
 
     weights_in_checkpoint = resume_dir is not None and not cfg.use_lora and cfg.strategy == "ddp"
     source = resume_dir if weights_in_checkpoint else resolve_model_path(cfg.model_name_or_path)
-    bf16_base = cfg.use_lora and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_base = cfg.use_lora and device.type == "cuda" and native_bf16()
     config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         source,
@@ -286,7 +287,7 @@ class Trainer:
         self.output_dir = StoragePath.of(self.cfg.output_dir)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            if self.device.type == "cuda" and native_bf16()
             else contextlib.nullcontext()
         )
 
@@ -302,11 +303,13 @@ class Trainer:
         self.consecutive_bad_steps = 0
         with checkpoint_to_resume(self.runtime, self.output_dir, cfg.resume) as resume_dir:
             self.lm = build_model(cfg, resume_dir, self.device)
-            self.model = wrap_model(TrainedTokenLoss(self.lm), self.lm, cfg.strategy, self.device)
+            loss = TrainedTokenLoss(self.lm)
+            self.head_on_every_token = loss.full_logits
+            self.model = wrap_model(loss, self.lm, cfg.strategy, self.device)
             if cfg.torch_compile:  # packs vary in length: dynamic shapes, not one graph per length
                 self.model = torch.compile(self.model, dynamic=True)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
-            self.flops_per_token, self.peak_flops = flops_per_token(self.lm), peak_flops(self.device)
+            self.step_flops, self.peak_flops = step_flops(self.lm), peak_flops(self.device)
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
             if resume_dir is not None:
@@ -384,7 +387,8 @@ class Trainer:
             "peak_memory_gb": peak_memory_gb(self.device),  # rank 0's
         }
         if self.peak_flops is not None:
-            row["mfu"] = self.flops_per_token * tokens / elapsed / (self.peak_flops * self.world)
+            flops = self.step_flops(tokens, tokens if self.head_on_every_token else global_trained)
+            row["mfu"] = flops / elapsed / (self.peak_flops * self.world)
         return row
 
     def _check_bad_steps(self) -> None:

@@ -22,8 +22,12 @@ has at inference and in no other. ``history_rewrites="refuse"`` refuses such row
 overhead is counted: ``row_tokens`` (the row as one sequence) against the samples' tokens.
 
 Length (``max_seq_length``): turns whose sample does not fit follow ``overflow``: ``window`` trains
-them with the system prompt, the first user message and as much recent history as fits (without
-the system prompt if even that does not fit); ``truncate`` drops them. A turn that does not fit on
+them with the system prompt, the first user message and recent history (without the system prompt
+if even that does not fit); ``truncate`` drops them. A shortened history is shared by consecutive
+turns, so that their samples share one prefix (one prefix tree, or one sample where the template
+keeps history): it resumes where the first of them keeps ``1 - window_slack`` of the room for recent
+history, and the turns after it use the same start while they fit (``window_slack`` 0: each turn
+the most recent history that fits, alone). A turn that does not fit on
 its own is dropped. All of it is counted, and text a template drops (e.g. Llama-3's assistant text
 beside a tool call), or tool calls written in sftcore's fallback format for a template that renders
 none, is reported by reason: nothing is lost or changed silently.
@@ -59,13 +63,14 @@ _WINDOW_OMISSIONS = {
 @dataclass(frozen=True)
 class EncodeOptions:
     """How rows become training sequences (set from TrainConfig: --max_seq_length, --history_rewrites,
-    --overflow, --train_on, --tree_packing). ``trees``: a row's samples are then merged into prefix trees
-    (sftcore.trees); the samples themselves do not depend on it."""
+    --overflow, --train_on, --window_slack, --tree_packing). ``trees``: a row's samples are then merged into
+    prefix trees (sftcore.trees); the samples themselves do not depend on it."""
 
     max_seq_length: int | None = None
     history_rewrites: str = "split"
     overflow: str = "window"
     train_on: str = "all"
+    window_slack: float = 0.5
     trees: bool = False
 
 
@@ -267,7 +272,8 @@ class _Head:
 
 class _Windows:
     """Shortened histories for turns whose full history does not fit: the system prompt, the first user
-    message and as much recent history as fits; failing that, the same without the system prompt.
+    message and recent history; failing that, the same without the system prompt. A history is shared
+    by consecutive turns (see the module docstring: ``slack``).
 
     Where the history resumes is first estimated from the messages' sizes (their tokens, plus the
     template's per message on this row), then settled with exact renders near the budget: long
@@ -281,9 +287,11 @@ class _Windows:
         support: TemplateSupport,
         budget: int,
         full: int,
+        slack: float,
     ):
         """``full``: the tokens of the whole conversation as one sample, to calibrate the size estimate."""
         self.tokenizer, self.tokenize, self.tc, self.support, self.budget = tokenizer, tokenize, tc, support, budget
+        self.slack = slack
         self.sizes = self._sizes(tc.messages)
         # the template's own tokens per message (headers, end-of-turn), on average over this row
         self.overhead = (full - sum(self.sizes)) / len(self.sizes)
@@ -338,19 +346,24 @@ class _Windows:
                 continue
             head, start, first = found
             run = [first]
-            # Later turns join while each one's prompt continues the run and it still fits.
+            # Later turns keep this start while they fit: in the run where each one's prompt continues
+            # it, else in a sample of their own over the same start (the same prefix tree).
             while i < len(turns) and self._may_fit(head, start, turns[i].message):
                 following = self._fitting(head, start, turns[i])
-                if following is None or not following.continues(run[-1]):
+                if following is None:
                     break
+                if not following.continues(run[-1]):
+                    samples.append(_sample(run, self.tc, head.history))
+                    run = []
                 run.append(following)
                 i += 1
             samples.append(_sample(run, self.tc, head.history))
         return samples, unfit
 
     def _shortest_cut(self, turn: Turn) -> tuple[_Head, int, _TurnTokens] | None:
-        """(head, start, rendered turn) with the most recent history that fits: the earliest start the size
-        estimate allows, then exact renders, one start earlier or later at a time."""
+        """(head, start, rendered turn) with the most recent history that fits (the earliest start the size
+        estimate allows, then exact renders, one start earlier or later at a time), then started later
+        by the slack."""
         for full_head in self.heads:
             head = _Head(full_head.history, [k for k in full_head.messages if k < turn.message], full_head.replaced)
             starts = [
@@ -376,8 +389,22 @@ class _Windows:
                     k += 1
                     fitting = self._fitting(head, starts[k], turn)
             if fitting:
-                return head, starts[k], fitting
+                return self._slackened(head, starts, k, turn, fitting)
         return None
+
+    def _slackened(
+        self, head: _Head, starts: list[int], k: int, turn: Turn, fitting: _TurnTokens
+    ) -> tuple[_Head, int, _TurnTokens]:
+        """The first start from starts[k] on that leaves the slack's share of the room for recent history
+        (the budget less the turn with the least history) to the turns after this one."""
+        least = self._estimate(head, starts[-1], turn.message)
+        goal = self.budget - self.slack * (self.budget - least)
+        later = next((n for n in range(k, len(starts)) if self._estimate(head, starts[n], turn.message) <= goal), k)
+        if self.slack and later > k:
+            slackened = self._fitting(head, starts[later], turn)
+            if slackened:  # the template may refuse that cut
+                return head, starts[later], slackened
+        return head, starts[k], fitting
 
 
 def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptions | None = None) -> EncodedRow:
@@ -423,7 +450,7 @@ def encode_conversation(conv: Conversation, tokenizer: Any, options: EncodeOptio
 
     windowed = 0
     if overflow and options.overflow == "window":
-        windows = _Windows(tokenizer, tokenize, tc, support, budget, row_tokens)
+        windows = _Windows(tokenizer, tokenize, tc, support, budget, row_tokens, options.window_slack)
         window_samples, overflow = windows.samples(overflow)
         for sample in window_samples:
             reason, what = _WINDOW_OMISSIONS[sample.history]

@@ -86,3 +86,12 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def native_bf16() -> bool:
+    """CUDA with bf16 in hardware (compute capability 8.0 on: A100, H100, ...), which bf16 autocast and
+    the flash kernels need. ``torch.cuda.is_bf16_supported()`` also counts emulation (V100, T4), where
+    bf16 is slow and packed_varlen's kernel does not run."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)

@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER_ROWS = 256
 
 
+def placeable_workers(per_worker: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many workers needing ``per_worker`` resources (CPU, GPU) the nodes can hold, each worker on
+    one node: Ray Train V2 retries the placement of workers that fit nowhere, without end."""
+    wanted = {k: v for k, v in per_worker.items() if v}
+    return sum(min(int(node.get(k, 0) // v) for k, v in wanted.items()) for node in nodes)
+
+
 class RayRuntime:
     """A Ray Train worker: data from Ray Data shards, checkpoints reported to (and restored by) Ray Train.
     Its console output stays in Ray's log files; rank 0 sends its progress and its sftcore log lines to

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sftcore.data import DataError, LineResult, parse_line
+from sftcore.data import LINE_TOO_LONG, MAX_LINE_BYTES, DataError, LineResult, parse_line
 from sftcore.storage import GLOB_CHARS, filesystem_of, first_line
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2")  # what a directory or a ** glob picks up
@@ -140,16 +140,27 @@ def resolve_data_files(data_path: str) -> list[DataFile]:
 
 
 def split_lines(stream: Any) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, the line without its newline) for each line of a binary stream."""
-    number, tail = 0, b""
+    """(1-based line number, the line without its newline) for each line of a binary stream; a line
+    longer than MAX_LINE_BYTES comes as LINE_TOO_LONG (parse_line rejects it) and is not held."""
+    number, pending, held = 0, [], 0  # the unfinished line's parts: joined once, when it ends
     while chunk := stream.read(_READ_BYTES):
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        for line in lines:
+        lines = chunk.split(b"\n")
+        for line in lines[:-1]:
             number += 1
-            yield number, line
-    if tail:
-        yield number + 1, tail
+            if held + len(line) > MAX_LINE_BYTES:
+                yield number, LINE_TOO_LONG
+            else:
+                yield number, b"".join([*pending, line]) if pending else line
+            pending, held = [], 0
+        if held <= MAX_LINE_BYTES:
+            pending.append(lines[-1])
+            held += len(lines[-1])
+        if held > MAX_LINE_BYTES:
+            pending = []  # too long already: only its end is still awaited
+    if pending and held:
+        yield number + 1, b"".join(pending)
+    elif held > MAX_LINE_BYTES:
+        yield number + 1, LINE_TOO_LONG
 
 
 def open_lines(file: DataFile) -> Iterator[tuple[int, bytes]]:

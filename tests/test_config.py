@@ -36,6 +36,7 @@ def test_aliases_and_booleans_parse():
         ("--save_total_limit", "0", "--save_total_limit must be at least 1, got 0"),
         ("--per_device_batch_size", "0", "--per_device_batch_size must be at least 1, got 0"),
         ("--validation_split", "1", "--validation_split must be in [0, 1), got 1.0"),
+        ("--window_slack", "-0.5", "--window_slack must be in [0, 1), got -0.5"),
         ("--gpus_per_worker", "0.5", "--gpus_per_worker must be at least 1, got 0.5"),
     ],
 )

@@ -56,6 +56,14 @@ def test_plain_text_that_starts_with_a_bracket_is_still_text():
 
 BAD_ROWS = [
     ("not an object", ["input", "output"], "bad_type", "row must be a JSON object"),
+    # JSON's "\ud800": half a surrogate pair, which no tokenizer encodes (in the output, or in a JSON-string input)
+    ("lone surrogate", {"input": "x", "output": "bad \ud800 text"}, "invalid_text", "lone surrogate '\\ud800'"),
+    (
+        "lone surrogate in an input string",
+        {"input": json.dumps([{"role": "user", "content": "x \ud83d"}]), "output": "y"},
+        "invalid_text",
+        "not valid Unicode",
+    ),
     ("missing input", {"output": "x"}, "missing_field", "missing field(s): input"),
     ("missing output", {"input": "x"}, "missing_field", "missing field(s): output"),
     ("input wrong type", {"input": 3, "output": "x"}, "bad_type", "'input' must be a string"),

@@ -208,3 +208,26 @@ def test_a_model_trained_with_packed_attention_generates_like_sdpa_in_padded_bat
     assert outputs[0] == outputs[1]
     with pytest.raises(ValueError, match="unpacked_attention"):
         model.generate(torch.tensor([turns[0].prompt_ids]), max_new_tokens=2)
+
+
+def test_compare_frees_the_first_model_before_it_loads_the_second(tmp_path, tiny_model, monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.syspath_prepend(str(REPO / "workflows"))
+    import evaluate
+
+    loaded = []
+
+    def load_model(name, trust_remote_code):
+        gc.collect()
+        assert all(ref() is None for ref in loaded), "the first model is still held while the second loads"
+        model = original(name, trust_remote_code)
+        loaded.append(weakref.ref(model))
+        return model
+
+    original = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", load_model)
+    args = ["--model_name_or_path", tiny_model, "--data_path", str(TAU), "--rows", "50:51", "--max_new_tokens", "2"]
+    assert evaluate.main([*args, "--compare", tiny_model]) == 0
+    assert len(loaded) == 2

@@ -300,6 +300,21 @@ def test_window_trains_every_later_turn_with_the_start_and_recent_history(smollm
     assert all(s.history == FULL_HISTORY for s in truncated.samples)
 
 
+def test_window_slack_lets_the_turns_after_a_shortened_history_share_it(smollm2_tokenizer):
+    """With slack a shortened history resumes later than it could, so the next turns fit over the same
+    start: under ChatML (history kept verbatim) they train as one sample. Each turn's text is the same."""
+    row = REAL_ROWS[0][2]
+    tight, slack = (
+        encode_row(row, smollm2_tokenizer, EncodeOptions(max_seq_length=2048, window_slack=share)) for share in (0, 0.5)
+    )
+    assert tight.windowed_turns == slack.windowed_turns > 0 and tight.trained_turns == slack.trained_turns
+    windows = [[s for s in encoded.samples if s.history == WINDOW] for encoded in (tight, slack)]
+    assert len(windows[1]) < len(windows[0]) and slack.num_tokens < tight.num_tokens
+    assert all(len(s.input_ids) <= 2048 for s in windows[1])
+    texts = [[t for s in encoded.samples for t in trained_texts(s, smollm2_tokenizer)] for encoded in (tight, slack)]
+    assert texts[0] == texts[1]
+
+
 def test_a_row_whose_only_assistant_turn_does_not_fit_is_too_long_not_bad(smollm2_tokenizer):
     row = {"input": "Summarise.", "output": "word " * 500}
     for overflow in ("window", "truncate"):

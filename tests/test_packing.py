@@ -53,7 +53,7 @@ def test_packs_hold_every_row_once_with_restarting_positions_and_masked_row_star
         assert len(ids) == len(labels) == len(positions)
 
 
-@pytest.fixture(scope="module", params=["packed_sdpa", "sdpa", "eager"])
+@pytest.fixture(scope="module", params=["packed_sdpa", "packed_eager", "sdpa", "eager"])
 def model(request, tmp_path_factory, smollm2_tokenizer):
     path = save_tiny_model(tmp_path_factory.mktemp("m"), smollm2_tokenizer)
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=request.param, dtype=torch.float32).eval()
@@ -178,16 +178,18 @@ def test_packed_sdpa_builds_no_mask_and_gives_transformers_sdpa_losses_and_gradi
     assert masks_seen and all(mask is None for mask in masks_seen)
 
 
-def test_auto_attention_keeps_transformers_sdpa_where_packed_sdpa_would_compute_something_else():
+def test_auto_attention_runs_the_models_own_attention_where_packed_sdpa_would_compute_something_else():
     from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
     from sftcore.attention import resolve_attention
 
     assert resolve_attention("auto", LlamaConfig(), 4096) == "packed_sdpa"  # no CUDA here
     assert resolve_attention("auto", Qwen2Config(use_sliding_window=False, sliding_window=1024), 4096) == "packed_sdpa"
-    assert resolve_attention("auto", Qwen2Config(use_sliding_window=True, sliding_window=1024), 4096) == "sdpa"
-    assert resolve_attention("auto", Gemma2Config(), 4096) == "sdpa"  # soft-capped attention logits
+    assert resolve_attention("auto", Qwen2Config(use_sliding_window=True, sliding_window=1024), 4096) == "packed_eager"
+    assert resolve_attention("auto", Gemma2Config(), 4096) == "packed_eager"  # soft-capped attention logits
     assert resolve_attention("eager", Gemma2Config(), 4096) == "eager"
+    remote = Gemma2Config(auto_map={"AutoModelForCausalLM": "modeling.Model"})  # its modeling file is not ours
+    assert resolve_attention("auto", remote, 4096) is None  # transformers' default for the class
 
 
 def test_gradient_checkpointing_is_on_by_default_on_cpu_only_and_a_flag_overrides_it():
@@ -201,11 +203,32 @@ def test_gradient_checkpointing_is_on_by_default_on_cpu_only_and_a_flag_override
     assert uses_gradient_checkpointing(TrainConfig(data_path="x", gradient_checkpointing=True), cuda)
 
 
-def test_mfu_counts_six_flops_per_parameter_and_token_and_is_not_guessed_for_a_cpu(tmp_path, smollm2_tokenizer):
-    from sftcore.throughput import flops_per_token, peak_flops, peak_memory_gb
+def test_mfu_counts_the_flops_a_step_runs_and_is_not_guessed_for_a_cpu(tmp_path, smollm2_tokenizer):
+    """The decoder's weights on every token at 6 FLOPs per weight (4 when frozen: LoRA's base), the
+    LM head on trained positions only, the input embedding at none (it is a lookup), experts at their
+    share per token."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig
 
-    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, smollm2_tokenizer))
-    assert flops_per_token(model) == 6 * sum(p.numel() for p in model.parameters())
+    from sftcore.throughput import peak_flops, peak_memory_gb, step_flops
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, smollm2_tokenizer))  # tied embeddings
+    head = model.get_output_embeddings().weight.numel()
+    decoder = sum(p.numel() for p in model.parameters()) - head
+    flops = step_flops(model)
+    assert flops(tokens=100, positions=7) == 6 * decoder * 100 + 6 * head * 7
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert step_flops(lora)(1, 0) == 4 * decoder + 6 * adapters  # 4 per frozen weight, 6 per adapter weight
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    moe = AutoModelForCausalLM.from_config(config)
+    experts = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
+    embedding = moe.get_input_embeddings().weight.numel()
+    rest = sum(p.numel() for p in moe.parameters()) - experts - 2 * embedding  # untied: head as large
+    assert step_flops(moe)(1, 0) == 6 * (rest + experts * 2 / 8)
     assert peak_flops(torch.device("cpu")) is None
     assert 0.05 < peak_memory_gb(torch.device("cpu")) < 64
 

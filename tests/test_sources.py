@@ -9,7 +9,7 @@ import io
 import pyarrow as pa
 import pytest
 
-from sftcore.data import DataError
+from sftcore.data import LINE_TOO_LONG, DataError, parse_line
 from sftcore.sources import (
     glob_matches,
     line_key,
@@ -129,6 +129,18 @@ def test_split_lines_matches_python_line_splitting_whatever_the_read_size(chunk,
     assert list(split_lines(io.BytesIO(data))) == list(enumerate(data.split(b"\n"), start=1))
     assert list(split_lines(io.BytesIO(b"a\n"))) == [(1, b"a")]
     assert list(split_lines(io.BytesIO(b""))) == []
+    # a line past the cap is neither held nor joined: it reads as LINE_TOO_LONG, its neighbours intact
+    monkeypatch.setattr(sftcore.sources, "MAX_LINE_BYTES", 8)
+    long = b'{"a": 1}\n' + b"y" * 50 + b"\n12345678\n" + b"z" * 9
+    assert list(split_lines(io.BytesIO(long))) == [
+        (1, b'{"a": 1}'),
+        (2, LINE_TOO_LONG),
+        (3, b"12345678"),
+        (4, LINE_TOO_LONG),
+    ]
+    with pytest.raises(DataError, match="line longer than 256 MiB") as info:
+        parse_line(LINE_TOO_LONG)
+    assert info.value.reason == "line_too_long"
 
 
 def test_line_keys_depend_on_seed_file_and_line_only():

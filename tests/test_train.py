@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,16 @@ def test_stop_and_resume_matches_an_uninterrupted_run_and_final_loads(tmp_path, 
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), final / "adapter")
     assert sum("lora_" in name for name, _ in adapted.named_parameters()) > 0
 
+    # another data plan would replay other rows from the saved position: refused, naming what changed
+    base[base.index("--per_device_batch_size") + 1] = "1"
+    changed = train(tmp_path / "resumed", *base, "--max_steps", "10", "--gradient_accumulation_steps", "2")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert changed.stderr.strip().splitlines()[-1] == (
+        f"error: {final} was written with --per_device_batch_size 2 (now 1), --gradient_accumulation_steps 1 "
+        "(now 2): its place in the data counts batches of that plan; continue it with the same values, or pass a "
+        "new --output_dir"
+    )
+
 
 def test_bad_rows_stop_before_training_or_are_skipped_and_written(tmp_path, tiny_model):
     data = tmp_path / "rows.jsonl"
@@ -209,10 +221,66 @@ def test_long_agent_runs_train_at_1024_tokens_with_default_flags_and_report_what
     assert (out / "final" / "manifest.json").exists()
 
 
+def test_gpt_oss_trains_with_default_flags_through_the_product_path(tmp_path, smollm2_tokenizer):
+    """gpt-oss (attention sinks, sliding windows, experts), which transformers' sdpa refuses and whose
+    own masks ignore packed position ids: auto trains it packed with its own eager attention per
+    sample (tests/test_zoo.py checks the losses, and LoRA's steps); here the run itself."""
+    import torch
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    model = tmp_path / "gpt-oss"
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=64, pad_token_id=smollm2_tokenizer.pad_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    smollm2_tokenizer.save_pretrained(model)
+    data = write_rows(tmp_path / "rows.jsonl", 8)
+    args = ["--data_path", data, "--model_name_or_path", str(model), "--max_steps", "3", "--report_to", "none"]
+    result = train(tmp_path / "out", *args, *COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = losses(tmp_path / "out")
+    assert sorted(steps) == [1, 2, 3] and all(math.isfinite(loss) for loss in steps.values())
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final").config.model_type == "gpt_oss"
+
+
 def test_missing_data_file_is_one_line(tmp_path):
     result = train(tmp_path / "out", "--data_path", str(tmp_path / "nope.jsonl"), "--report_to", "none")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+
+
+def test_more_workers_than_a_local_ray_can_place_is_one_line_not_a_hang(tmp_path, tiny_model):
+    data = write_rows(tmp_path / "rows.jsonl", 4)
+    args = ["--data_path", data, "--model_name_or_path", tiny_model, "--report_to", "none", "--num-workers", "64"]
+    result = train(tmp_path / "out", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.fullmatch(
+        r"error: --num-workers 64 needs 1 CPU per worker, and this Ray cluster's nodes hold \d+ such worker\(s\): "
+        r"lower --num-workers \(or --cpus_per_worker / --gpus_per_worker\)",
+        result.stderr.strip().splitlines()[-1],
+    )
+
+
+def test_a_packed_kernel_asked_for_a_model_it_does_not_compute_is_one_line_before_ray(tmp_path, tiny_model):
+    import shutil
+
+    from transformers import Gemma2Config
+
+    gemma = tmp_path / "gemma2"
+    shutil.copytree(tiny_model, gemma)
+    Gemma2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, sliding_window=16).save_pretrained(gemma)
+    data = write_rows(tmp_path / "rows.jsonl", 4)
+    args = ["--data_path", data, "--model_name_or_path", str(gemma), "--report_to", "none"]
+    result = train(tmp_path / "out", *args, "--attn_implementation", "packed_sdpa")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model_name_or_path {gemma}: --attn_implementation packed_sdpa does not compute this model's "
+        "attention-logit soft-capping and a 16-token sliding window: use --attn_implementation auto, which picks "
+        "transformers' attention for it"
+    )
 
 
 def test_a_model_without_chat_template_or_tokenizer_is_one_line_before_ray(tmp_path, tiny_model):

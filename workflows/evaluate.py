@@ -25,7 +25,7 @@ from sftcore.config import RENDERING_OPTIONS, TrainConfig, add_config_arguments
 from sftcore.console import configure_console_logging, quiet_libraries
 from sftcore.data import DataError
 from sftcore.evaluation import collect_turns, evaluate_turns, hf_generator, summarize, tool_call_syntax
-from sftcore.models import load_tokenizer, resolve_model_path
+from sftcore.models import load_tokenizer, native_bf16, resolve_model_path
 
 METRICS = (
     "turns",
@@ -58,10 +58,20 @@ def load_model(name_or_path: str, trust_remote_code: bool) -> Any:
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path),
-        dtype=torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32,
+        dtype=torch.bfloat16 if native_bf16() else torch.float32,
         trust_remote_code=trust_remote_code,
     )
     return model.to("cuda" if cuda else "cpu").eval()
+
+
+def evaluate_model(
+    name: str, trust_remote_code: bool, tokenizer: Any, syntax: Any, turns: list, extra: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One model's records. The model (and the generator holding it) is freed on return, before
+    --compare loads the next one."""
+    model = load_model(name, trust_remote_code)
+    generate = hf_generator(model, tokenizer, syntax, extra["max_new_tokens"], extra["batch_tokens"])
+    return evaluate_turns(turns, generate, syntax, tokenizer)
 
 
 def format_value(value: Any) -> str:
@@ -125,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(turns)} turns from {cfg.data_path}; {dict(skipped) or 'every turn evaluated with its full history'}")
     for label, name in models.items():
-        model = load_model(name, cfg.trust_remote_code)
-        generate = hf_generator(model, tokenizer, syntax, extra["max_new_tokens"], extra["batch_tokens"])
-        model_records = evaluate_turns(turns, generate, syntax, tokenizer)
+        model_records = evaluate_model(name, cfg.trust_remote_code, tokenizer, syntax, turns, extra)
         reports[label] = summarize(model_records) | {"model": name, "counts": dict(skipped)}
         records += [r | {"model": label} for r in model_records]
-        del model
     for label, name in models.items():
         print(f"{label}: {name}")
     print_reports(reports)

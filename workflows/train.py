@@ -18,13 +18,14 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
+from sftcore.attention import check_attention
 from sftcore.checkpoint import newest_checkpoint, read_run_config, read_trainer_state
-from sftcore.config import TrainConfig, parse_config, save_resolved_config
+from sftcore.config import TrainConfig, parse_config, plan_changes, save_resolved_config
 from sftcore.console import Progress, configure_console_logging, quiet_libraries, summarize_run
 from sftcore.data import NOT_BAD_INPUT, DataError
 from sftcore.dataset import DatasetSummary
 from sftcore.models import load_model_config, load_tokenizer
-from sftcore.runtime import TorchrunRuntime, relay_events
+from sftcore.runtime import TorchrunRuntime, placeable_workers, relay_events
 from sftcore.sources import read_jsonl, resolve_data_files
 from sftcore.storage import StoragePath, first_line
 from sftcore.templates import load_chat_template, template_support
@@ -119,6 +120,25 @@ def init_ray(cfg: TrainConfig) -> None:
         resources.get("GPU", 0),
         log_dir,
     )
+
+
+def check_placement(cfg: TrainConfig, worker_resources: dict[str, float]) -> None:
+    """The workers fit the cluster's nodes: on a local instance a UsageError saying how many do, on a
+    joined cluster (an autoscaler may add nodes) a warning that the run waits for them."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    fits = placeable_workers(worker_resources, nodes)
+    if fits >= cfg.num_workers:
+        return
+    each = ", ".join(f"{amount:g} {kind}" for kind, amount in worker_resources.items())
+    message = (
+        f"--num-workers {cfg.num_workers} needs {each} per worker, and this Ray cluster's nodes hold {fits} such "
+        "worker(s): lower --num-workers (or --cpus_per_worker / --gpus_per_worker)"
+    )
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        raise UsageError(message)
+    logger.warning("%s; waiting for the cluster to add nodes", message)
 
 
 def _ray_log_dir() -> str:
@@ -278,11 +298,11 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
                 100 * summary.packing_efficiency,
             )
     if cfg.resume == "auto" and (resume_from := newest_checkpoint(output_dir)) is not None:
-        saved_strategy = read_run_config(resume_from).get("strategy", "ddp")
-        if saved_strategy != cfg.strategy:
+        changed = plan_changes({"strategy": "ddp"} | read_run_config(resume_from), cfg)
+        if changed:
             raise UsageError(
-                f"{resume_from} was written with --strategy {saved_strategy}; continue it with --strategy "
-                f"{saved_strategy}, or pass a new --output_dir"
+                f"{resume_from} was written with {', '.join(changed)}: its place in the data counts batches of "
+                "that plan; continue it with the same values, or pass a new --output_dir"
             )
         if speak:
             logger.info("continuing from %s (step %d)", resume_from, read_trainer_state(resume_from).step)
@@ -359,7 +379,12 @@ def prepare(cfg: TrainConfig) -> tuple[StoragePath, bool]:
     output_dir = check_output_dir(cfg)
     cfg.output_dir = output_dir.uri  # absolute: workers do not share the driver's working directory
     check_chat_template(cfg)
-    return output_dir, cfg.trains_trees(load_model_config(cfg.model_name_or_path, cfg.trust_remote_code))
+    model_config = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code)
+    try:
+        check_attention(cfg.attn_implementation, model_config, cfg.max_seq_length)
+    except ValueError as e:
+        raise UsageError(f"--model_name_or_path {cfg.model_name_or_path}: {e}") from None
+    return output_dir, cfg.trains_trees(model_config)
 
 
 def run(cfg: TrainConfig, started: float) -> int:
@@ -376,6 +401,7 @@ def run(cfg: TrainConfig, started: float) -> int:
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) > 0
     cpus_per_worker = cfg.cpus_per_worker or (1 if use_gpu else max(1, int(resources.get("CPU", 1)) // cfg.num_workers))
     worker_resources = {"CPU": cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if use_gpu else {})
+    check_placement(cfg, worker_resources)
 
     train, validation, summary = build_datasets(
         cfg.data_path,
