@@ -1,13 +1,14 @@
 """One epoch of the product path with prefix trees and without, in one run: wall time and peak memory.
 
-    python benchmarks/bench_trees.py [--data FILE] [--epochs 1] [-- FLAG ...]
+    python benchmarks/bench_trees.py [--data FILE] [--rows N] [--epochs 1] [-- FLAG ...]
 
 SmolLM2-135M (the bundled model) under Qwen3's chat template, its special tokens added to the vocabulary
 (the embeddings grown to match), trained by `workflows/train.py` with default flags (plus any after --)
-on the tau-bench rows, once with `--tree_packing auto` and once with `--tree_packing off`. For each:
-wall time of the whole command (start-up, encoding, training, evaluation, checkpoints), the data line's
-token costs, the training tokens and steps, and the peak resident memory of the whole process tree
-(driver, Ray, the training worker), sampled every 0.2 s.
+on the tau-bench rows (or the first --rows of them: all 60 take hours on 2 CPU cores), once with
+`--tree_packing auto` and once with `--tree_packing off`. For each: wall time of the whole command
+(start-up, encoding, training, evaluation, checkpoints), the data line's token costs, the training
+tokens and steps, and the peak resident memory of the whole process tree (driver, Ray, the training
+worker), sampled every 0.2 s.
 """
 
 from __future__ import annotations
@@ -82,12 +83,17 @@ def run(model: str, tree_packing: str, data: Path, epochs: int, flags: list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--rows", type=int, default=None, help="only the first N rows of --data")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("flags", nargs="*", help="training flags after --")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sftcore-qwen3-smollm2-") as model_dir:
-        model = qwen3_smollm2(Path(model_dir))
-        results = [run(model, mode, Path(args.data), args.epochs, args.flags) for mode in ("auto", "off")]
+    with tempfile.TemporaryDirectory(prefix="sftcore-qwen3-smollm2-") as work:
+        data = Path(args.data)
+        if args.rows:  # a fixed path: the validation split is drawn from the path and line numbers
+            data = Path(tempfile.gettempdir()) / f"sftcore-bench-trees-{args.rows}-rows.jsonl"
+            data.write_text("".join(Path(args.data).read_text(encoding="utf-8").splitlines(True)[: args.rows]))
+        model = qwen3_smollm2(Path(work) / "model")
+        results = [run(model, mode, data, args.epochs, args.flags) for mode in ("auto", "off")]
     print(f"{'tree_packing':12} {'steps':>6} {'train tokens':>13} {'wall s':>8} {'peak GB':>8}  tokens")
     for r in results:
         print(
