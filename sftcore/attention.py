@@ -162,10 +162,14 @@ def _refuse_uncomputed(kernel: str, query: torch.Tensor, kwargs: dict[str, Any])
     if window is not None and window < query.shape[2]:  # a window as long as the batch changes nothing
         asked.append(f"a {window}-token sliding window")
     if asked:
-        raise ValueError(
-            f"--attn_implementation {kernel} does not compute this model's {' and '.join(asked)}: use "
-            "--attn_implementation auto, which picks transformers' attention for it"
-        )
+        raise _uncomputed_error(kernel, asked)
+
+
+def _uncomputed_error(kernel: str, uncomputed: list[str]) -> ValueError:
+    return ValueError(
+        f"--attn_implementation {kernel} does not compute this model's {' and '.join(uncomputed)}: use "
+        "--attn_implementation auto, which picks transformers' attention for it"
+    )
 
 
 def _model_eager_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -317,10 +321,7 @@ def check_attention(choice: str, config: Any, max_seq_length: int) -> None:
     it does not compute (the kernels would refuse it in the first step anyway)."""
     uncomputed = uncomputed_attention(config, max_seq_length)
     if choice in TREE_KERNELS and uncomputed:
-        raise ValueError(
-            f"--attn_implementation {choice} does not compute this model's {' and '.join(uncomputed)}: use "
-            "--attn_implementation auto, which picks transformers' attention for it"
-        )
+        raise _uncomputed_error(choice, uncomputed)
 
 
 def trains_trees(choice: str, tree_packing: str, config: Any, max_seq_length: int) -> bool:
