@@ -8,7 +8,8 @@ Features and limits, plainly:
 - fp32 weights; on GPUs that support it, bf16 autocast (LoRA: frozen base weights in bf16 there).
 - Packs reach the attention as sample boundaries, never as a mask (sftcore.attention); prefix trees
   (sftcore.trees) as segments and their ancestors' keys, each target predicted from its parent token.
-- AdamW, linear warmup then cosine/linear/constant, gradient clipping, gradient accumulation.
+- AdamW, linear warmup then cosine/linear/constant (a run continued with more steps decays on from
+  the rate it reached), gradient clipping, gradient accumulation.
 - The loss of a step is the mean over every trained token of the global batch (all micro-batches,
   all workers), so 2 workers x batch 2 train exactly like 1 worker x batch 4.
 - Packs (or rows) are padded to the longest in each micro-batch.
@@ -33,6 +34,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.optim.lr_scheduler import LambdaLR
 
 from sftcore.attention import READS_BOUNDARIES, resolve_attention, segment_boundaries, tree_segments
 from sftcore.checkpoint import (
@@ -265,12 +268,40 @@ def uses_gradient_checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else device.type == "cpu"
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    from transformers import get_scheduler
+@dataclass
+class LRSchedule:
+    """The learning-rate factor at each step: linear warmup, then cosine or linear decay to 0 at `total`
+    (or constant); the same curves as transformers' schedulers. A callable object, so LambdaLR saves
+    its fields with the checkpoint and a resume restores the curve the run was on."""
 
-    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    kind: str  # cosine / linear / constant
+    warmup: int
+    total: int
+    decay_from_step: int = 0  # where the decay starts: after warmup, or where a longer run continued
+    decay_from_factor: float = 1.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        if self.kind == "constant":
+            return 1.0
+        start = max(self.warmup, self.decay_from_step)
+        progress = min(1.0, (step - start) / max(1, self.total - start))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.kind == "cosine" else 1.0 - progress
+        return self.decay_from_factor * shape
+
+    def continue_to(self, total: int, step: int) -> None:
+        """A resumed run with another step count: decay from the factor reached at `step` to 0 at the
+        new total on the same curve, so the rate goes on falling instead of jumping to the longer run's
+        curve (warmup keeps its length)."""
+        if total != self.total and step >= self.warmup:
+            self.decay_from_step, self.decay_from_factor = step, self(step)
+        self.total = total
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return LambdaLR(optimizer, LRSchedule(cfg.lr_scheduler, warmup, total_steps))
 
 
 class Trainer:
@@ -317,6 +348,7 @@ class Trainer:
                     load_sharded_state(resume_dir, self.lm, self.optimizer)
                 load_training_state(resume_dir, None if self.sharded else self.optimizer, self.scheduler)
                 saved = read_trainer_state(resume_dir)
+                self.scheduler.lr_lambdas[0].continue_to(self.total_steps, saved.step)  # --max_steps grew
                 self.state.step, self.state.epoch, self.state.step_in_epoch, self.state.skipped_steps = (
                     saved.step,
                     saved.epoch,
