@@ -50,7 +50,7 @@ def test_a_longer_run_continues_the_decay_from_the_rate_it_reached(kind):
     longer.lr_lambdas[0].continue_to(20, 6)
     rates = _rates(optimizer, longer, 14)
     assert rates[0] == pytest.approx(short.get_last_lr()[0])  # no jump at the resumed step
-    assert all(later < earlier for earlier, later in zip(rates, rates[1:]))
+    assert all(later < earlier for earlier, later in zip(rates, rates[1:], strict=False))
     assert rates[-1] > 0 and longer.get_last_lr()[0] == pytest.approx(0.0)  # reaches 0 at the new end
     assert rates[0] < reached[-1]
 
