@@ -36,6 +36,7 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
 from sftcore.models import native_bf16
+from sftcore.sequence_parallel import ulysses
 
 PACKED_SDPA = "packed_sdpa"
 PACKED_VARLEN = "packed_varlen"
@@ -175,10 +176,11 @@ def _uncomputed_error(kernel: str, uncomputed: list[str]) -> ValueError:
 def _model_eager_attention(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
     """The eager attention function of the module's own modeling file (transformers names it
     ``eager_attention_forward`` in every model)."""
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    owner = type(getattr(module, "whole", module))  # under sequence parallelism, a HeadShare of the module
+    eager = getattr(sys.modules.get(owner.__module__), "eager_attention_forward", None)
     if eager is None:
         raise ValueError(
-            f"--attn_implementation {PACKED_EAGER}: {type(module).__name__} has no eager_attention_forward in its "
+            f"--attn_implementation {PACKED_EAGER}: {owner.__name__} has no eager_attention_forward in its "
             "modeling file: use --attn_implementation eager"
         )
     return eager
@@ -279,9 +281,11 @@ def packed_varlen(
     return output.reshape(batch, length, heads, dim), None
 
 
-AttentionInterface.register(PACKED_SDPA, packed_sdpa)
-AttentionInterface.register(PACKED_VARLEN, packed_varlen)
-AttentionInterface.register(PACKED_EAGER, packed_eager)
+# Under sequence parallelism (collate passes sequence_group) each runs on the whole sequence for this
+# worker's share of the heads (sftcore.sequence_parallel).
+AttentionInterface.register(PACKED_SDPA, ulysses(packed_sdpa))
+AttentionInterface.register(PACKED_VARLEN, ulysses(packed_varlen))
+AttentionInterface.register(PACKED_EAGER, ulysses(packed_eager))
 
 
 @contextlib.contextmanager
@@ -333,9 +337,12 @@ def trains_trees(choice: str, tree_packing: str, config: Any, max_seq_length: in
     return choice in TREE_KERNELS or (choice == "auto" and not uncomputed_attention(config, max_seq_length))
 
 
-def resolve_attention(choice: str, config: Any, max_seq_length: int, trees: bool = False) -> str | None:
+def resolve_attention(
+    choice: str, config: Any, max_seq_length: int, trees: bool = False, sequence_parallel: int = 1
+) -> str | None:
     """The attention implementation to load the model with. auto on a GPU with bf16 in hardware:
-    flash_attention_2 with flash-attn installed (not for trees, whose keys it cannot gather), else
+    flash_attention_2 with flash-attn installed (not for trees, whose keys it cannot gather, nor with
+    sequence parallelism, whose all-to-alls are around our kernels), else
     packed_varlen (torch >= 2.10); elsewhere packed_sdpa. Models whose attention packed_sdpa and packed_varlen do not
     compute get packed_eager (their own eager attention per sample), or, for remote code (whose
     modeling file we cannot see), transformers' default for the class (None)."""
@@ -344,7 +351,7 @@ def resolve_attention(choice: str, config: Any, max_seq_length: int, trees: bool
     if uncomputed_attention(config, max_seq_length):
         return None if getattr(config, "auto_map", None) else PACKED_EAGER
     if native_bf16():  # both flash kernels need bf16 in hardware (sm80 on)
-        if not trees:
+        if not trees and sequence_parallel == 1:
             try:
                 import flash_attn  # noqa: F401
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from sftcore.attention import ATTENTION_CHOICES, trains_trees
-from sftcore.data import TRAIN_ON
+from sftcore.data import DATA_FORMATS, TRAIN_ON
 from sftcore.dataset import VALIDATION_LINES_KEPT
 from sftcore.masking import HISTORY_REWRITES, OVERFLOW, EncodeOptions
 from sftcore.storage import StoragePath
@@ -28,9 +28,18 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, aliase
 class TrainConfig:
     data_path: str = _opt(
         None,
-        "{input, output} trajectory rows (required): JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), directories of "
-        "them, globs ('data/**/*.jsonl') or URIs (s3://, gs://, any pyarrow filesystem), comma-separated; "
-        "'SOURCE:WEIGHT' trains that source's rows WEIGHT times per epoch (0.5: a seeded half of them)",
+        "trajectory rows (required; their shapes: --data_format): JSONL files (.jsonl, .jsonl.gz, "
+        ".jsonl.zst), Parquet files, datasets' save_to_disk folders, directories of them, globs "
+        "('data/**/*.jsonl'), URIs (s3://, gs://, any pyarrow filesystem) or hub datasets (hf://datasets/ORG/NAME), "
+        "comma-separated; 'SOURCE:WEIGHT' trains that source's rows WEIGHT times per epoch "
+        "(0.5: a seeded half of them)",
+    )
+    data_format: str = _opt(
+        "auto",
+        "the rows' shape: rows ({input, output}), messages (OpenAI / TRL {messages, tools}, or {prompt, "
+        "completion}), sharegpt ({conversations: [{from, value}], system, tools}); auto tells them apart by "
+        "their keys, row by row",
+        DATA_FORMATS,
     )
     model_name_or_path: str = _opt(
         "Qwen/Qwen2.5-0.5B-Instruct",
@@ -119,6 +128,11 @@ class TrainConfig:
         "recompute activations in backward: less memory, about a third more compute (default: on when training on "
         "CPU, where memory runs out first; off on GPUs)",
     )
+    tiled_mlp: bool = _opt(
+        False,
+        "run each layer's MLP over the sequence in tiles of 4,096 tokens, each recomputed in backward (ALST): less "
+        "activation memory per token for long trajectories, for one more MLP forward; dense MLPs only",
+    )
     torch_compile: bool = _opt(False, "torch.compile the model (GPU; the first steps are slow while it compiles)")
     learning_rate: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -169,6 +183,12 @@ class TrainConfig:
         "Ray Train workers (one per GPU on GPU machines); under torchrun, its process count instead",
         aliases=("--num-workers",),
     )
+    sequence_parallel: int = _opt(
+        1,
+        "workers that share each pack, each holding 1/N of its tokens outside attention (Ulysses: an all-to-all "
+        "gives each the whole sequence for 1/N of the heads): activations of samples N times longer in the same "
+        "memory per worker. Must divide --num-workers; --max_seq_length is the whole pack",
+    )
     use_gpu: bool | None = _opt(None, "train on GPUs (default: when the cluster has them)")
     cpus_per_worker: int | None = _opt(None, "CPUs per worker (default: 1 with GPUs, else all CPUs / workers)")
     placement_strategy: str = _opt(
@@ -189,6 +209,7 @@ class TrainConfig:
             self.eval_steps = self.save_steps
         at_least_one = (
             "num_workers",
+            "sequence_parallel",
             "per_device_batch_size",
             "gradient_accumulation_steps",
             "max_seq_length",
@@ -215,11 +236,18 @@ class TrainConfig:
                 f"--eval_generate_rows must be 0 to {VALIDATION_LINES_KEPT} (generating on more rows takes longer than "
                 f"the training steps between evaluations), got {self.eval_generate_rows}"
             )
+        if self.sequence_parallel > 1 and self.torch_compile:
+            raise ValueError("--torch_compile with --sequence_parallel is untested: drop one of them")
         if self.gpus_per_worker < 1:
             raise ValueError(f"--gpus_per_worker must be at least 1, got {self.gpus_per_worker}")
         for name in ("validation_split", "window_slack"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def data_parallel(self) -> int:
+        """How many groups of workers train different packs (each worker, without sequence parallelism)."""
+        return self.num_workers // self.sequence_parallel
 
     def trains_trees(self, model_config: Any) -> bool:
         """Whether rows train as prefix trees with this model (sftcore.attention.trains_trees)."""
@@ -228,7 +256,13 @@ class TrainConfig:
     def encode_options(self, trees: bool = False) -> EncodeOptions:
         """How rows become training sequences (sftcore.masking; ``trees``: sftcore.attention.trains_trees)."""
         return EncodeOptions(
-            self.max_seq_length, self.history_rewrites, self.overflow, self.train_on, self.window_slack, trees
+            self.max_seq_length,
+            self.history_rewrites,
+            self.overflow,
+            self.train_on,
+            self.window_slack,
+            trees,
+            self.data_format,
         )
 
 
@@ -236,6 +270,7 @@ class TrainConfig:
 # (workflows/inspect_data.py, workflows/evaluate.py) take them too, with training's defaults.
 RENDERING_OPTIONS = (
     "data_path",
+    "data_format",
     "model_name_or_path",
     "max_seq_length",
     "overflow",
@@ -252,6 +287,7 @@ RENDERING_OPTIONS = (
 DATA_PLAN = (
     "strategy",
     "num_workers",
+    "sequence_parallel",
     "per_device_batch_size",
     "gradient_accumulation_steps",
     "max_seq_length",

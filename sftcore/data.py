@@ -9,6 +9,15 @@ A row is a JSON object ``{"input": ..., "output": ...}``:
   what the model is trained to produce; its user/tool messages are observations (masked).
 - ``tools`` (optional): a list of function schemas, passed to templates that render tools.
 
+Rows in the shapes public agent data comes in are read as well (``--data_format auto`` tells them
+apart by their keys, row by row): OpenAI / TRL conversational rows ``{"messages": [...], "tools":
+[...]}`` (every assistant message trained unless it says ``"train": false``, as TRL does) and their
+prompt-completion form ``{"prompt": [...], "completion": [...]}``; ShareGPT rows ``{"conversations":
+[{"from": ..., "value": ...}], "system": ..., "tools": ...}`` (human / gpt / function_call /
+observation / system, as APIGen-MT, xLAM, glaive, ToolACE and LLaMA-Factory write them; ``tools`` a
+list or a JSON string). Each becomes the ``input`` / ``output`` row above: the messages before the
+first assistant message are the prompt.
+
 Messages use the OpenAI chat shape: roles ``system``, ``user``, ``assistant``, ``tool``; assistant
 ``tool_calls`` (``content`` may be null, ``arguments`` a JSON string or an object); ``tool`` messages
 with ``tool_call_id`` / ``name``. Assistant reasoning comes as ``reasoning_content`` (the
@@ -31,6 +40,19 @@ REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # --train_on presets: which assistant messages of ``output`` are trained (each may still opt out)
 TRAIN_ON = ("all", "last", "final")
+DATA_FORMATS = ("auto", "rows", "messages", "sharegpt")  # --data_format
+# ShareGPT's speaker names (LLaMA-Factory's, axolotl's and the exports of APIGen-MT, xLAM, glaive, ToolACE)
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "system": "system",
+}
 
 
 class DataError(ValueError):
@@ -280,11 +302,14 @@ def _reasoning(message: dict[str, Any], content: str | None, where: str) -> tupl
 
 
 def _train_flag(message: dict[str, Any], where: str) -> bool:
-    """An assistant message's own choice: "train": false or "weight": 0 masks it (default: trained)."""
-    train = message.get("train", True)
+    """An assistant message's own choice: "train": false or "weight": 0 masks it (default: trained; null,
+    as columnar files write a field other rows have, is the default too)."""
+    train = message.get("train")
+    train = True if train is None else train
     if not isinstance(train, bool):
         raise DataError(f"{where}: 'train' must be true or false, got {train!r:.40}", "bad_type")
-    weight = message.get("weight", 1)
+    weight = message.get("weight")
+    weight = 1 if weight is None else weight
     if isinstance(weight, bool) or weight not in (0, 1):
         raise DataError(f"{where}: 'weight' must be 0 or 1 (per-message weights are not supported), got {weight!r:.40}")
     return train and weight == 1
@@ -345,6 +370,94 @@ def _input_messages(value: Any) -> list[Any]:
     return [{"role": "user", "content": value}]
 
 
+def row_format(row: dict[str, Any], data_format: str = "auto") -> str:
+    """The shape a row is written in (rows, messages, sharegpt): --data_format, or under auto its keys."""
+    if data_format != "auto":
+        return data_format
+    if "input" in row or "output" in row:
+        return "rows"
+    if "messages" in row or ("prompt" in row and "completion" in row):
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    keys = ", ".join(repr(k) for k in list(row)[:5]) or "none"
+    raise DataError(
+        f"a row needs 'input' and 'output', 'messages' (OpenAI / TRL), or 'conversations' (ShareGPT); it has {keys}",
+        "missing_field",
+    )
+
+
+def _split_at_first_answer(messages: list[Any], tools: Any) -> dict[str, Any]:
+    """A conversation as a row: the messages before the first assistant message are its prompt."""
+    first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    if first is None:
+        raise DataError("the conversation has no assistant message, so nothing would be trained", "no_assistant")
+    return {"input": messages[:first], "output": messages[first:], "tools": tools}
+
+
+def _from_messages(row: dict[str, Any]) -> dict[str, Any]:
+    if "messages" not in row:  # TRL's conversational prompt-completion rows
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        return {"input": prompt, "output": completion, "tools": _json_field(row.get("tools"), "'tools'")}
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise DataError(f"'messages' must be a list of messages, got {type(messages).__name__}", "bad_type")
+    return _split_at_first_answer(messages, _json_field(row.get("tools"), "'tools'"))
+
+
+def _json_field(value: Any, name: str) -> Any:
+    """A field ShareGPT exports write as a JSON string (tools, a function call) or as the value itself."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name} is a string but not valid JSON ({e.msg} at char {e.pos})", "bad_input_json") from None
+
+
+def _from_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    turns = row["conversations"]
+    if not isinstance(turns, list):
+        raise DataError(f"'conversations' must be a list of turns, got {type(turns).__name__}", "bad_type")
+    system = row.get("system")
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: a turn must be an object, got {type(turn).__name__}", "bad_type")
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker)
+        if role is None:
+            raise DataError(
+                f"{where}: unknown 'from' {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})", "unknown_role"
+            )
+        message = {"role": role, "content": turn.get("value")}
+        message |= {key: turn[key] for key in ("train", "weight") if key in turn}
+        if speaker == "function_call":  # {"name", "arguments"} or a list of them: the assistant's tool calls
+            calls = _json_field(turn.get("value"), f"{where} (function_call)")
+            message |= {"content": None, "tool_calls": calls if isinstance(calls, list) else [calls]}
+            previous = messages[-1] if messages else None
+            if previous and previous["role"] == "assistant" and not previous.get("tool_calls"):
+                previous["tool_calls"] = message["tool_calls"]  # "gpt" text then its calls: one message
+                continue
+        messages.append(message)
+    return _split_at_first_answer(messages, _json_field(row.get("tools"), "'tools'"))
+
+
+def as_row(row: Any, data_format: str = "auto") -> dict[str, Any]:
+    """Any accepted shape as an ``input`` / ``output`` row (see the module docstring)."""
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object, got {type(row).__name__}", "bad_type")
+    shape = row_format(row, data_format)
+    if shape == "messages":
+        return _from_messages(row)
+    if shape == "sharegpt":
+        return _from_sharegpt(row)
+    return row
+
+
 def _trained_by_preset(messages: list[dict[str, Any]], wanted: list[bool], train_on: str) -> list[bool]:
     """Narrow the trainable assistant messages of ``output`` to a --train_on preset: all of them; the
     last one; or those after the last user message (the final answer and the tool loop that led to it)."""
@@ -359,14 +472,14 @@ def _trained_by_preset(messages: list[dict[str, Any]], wanted: list[bool], train
     raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
 
 
-def parse_row(row: Any, train_on: str = "all") -> Conversation:
-    """Validate one row and return it as a canonical conversation. Raises DataError saying what is wrong.
+def parse_row(row: Any, train_on: str = "all", data_format: str = "auto") -> Conversation:
+    """Validate one row (in any accepted shape) and return it as a canonical conversation. Raises
+    DataError saying what is wrong.
 
     Trained: the assistant messages of ``output`` that do not opt out ("train": false, "weight": 0),
     narrowed by ``train_on`` (all / last / final). A valid row left with nothing to train raises
     DataError with reason ``nothing_to_train`` (counted, not bad input)."""
-    if not isinstance(row, dict):
-        raise DataError(f"row must be a JSON object, got {type(row).__name__}", "bad_type")
+    row = as_row(row, data_format)
     missing = [key for key in ("input", "output") if key not in row]
     if missing:
         raise DataError(f"missing field(s): {', '.join(missing)}", "missing_field")
@@ -392,7 +505,7 @@ def parse_row(row: Any, train_on: str = "all") -> Conversation:
     if not any(m["role"] == "assistant" for m, _ in completion):
         raise DataError("'output' has no assistant message, so nothing would be trained", "no_assistant")
 
-    tools = row.get("tools")
+    tools = _json_field(row.get("tools"), "'tools'")
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise DataError("'tools' must be a list of function schemas (objects)", "bad_type")

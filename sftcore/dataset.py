@@ -31,7 +31,16 @@ from sftcore.data import DataError, LineCounts, parse_line, parse_row
 from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
 from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
-from sftcore.sources import DataFile, line_key, open_lines, resolve_data_files, seeded_key, split_lines
+from sftcore.sources import (
+    DataFile,
+    columnar_lines,
+    is_columnar,
+    line_key,
+    open_lines,
+    resolve_data_files,
+    seeded_key,
+    split_lines,
+)
 from sftcore.storage import StoragePath
 from sftcore.trees import build_trees, tree_stats
 
@@ -125,7 +134,7 @@ class RowEncoder:
         if not raw.strip():
             return [empty | {"blank": True}]
         try:
-            row = parse_row(parse_line(raw), self.options.train_on)
+            row = parse_row(parse_line(raw), self.options.train_on, self.options.data_format)
             encoded = encode_conversation(row, self.tokenizer, self.options)
         except DataError as e:
             text = raw.decode("utf-8", errors="replace")
@@ -211,6 +220,8 @@ def _jsonl_lines_datasource(files: list[DataFile]) -> Any:
 
         def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
             try:
+                if is_columnar(path):  # Parquet needs random access
+                    return filesystem.open_input_file(path)
                 return super()._open_input_source(filesystem, path, **open_args)
             except OSError as e:  # gone since it was listed, no permission, a network or credential error
                 raise DataError(f"{self.names[path]}: cannot be read ({e})", "unreadable_file") from None
@@ -218,7 +229,7 @@ def _jsonl_lines_datasource(files: list[DataFile]) -> Any:
         def _read_stream(self, f: Any, path: str) -> Iterator[Any]:
             lines: list[tuple[int, bytes]] = []
             try:
-                for number, raw in split_lines(f):
+                for number, raw in columnar_lines(f, path) if is_columnar(path) else split_lines(f):
                     lines.append((number, raw))
                     if len(lines) == LINES_PER_BLOCK:
                         yield _lines_block(self.names[path], lines)

@@ -100,7 +100,7 @@ def _calls_of(messages: list[dict[str, Any]]) -> list[ToolCall]:
 def row_turns(row: dict[str, Any], line: int, tokenizer: Any, options: EncodeOptions) -> RowTurns:
     """The evaluated turns of one row: every trained assistant turn that fits options.max_seq_length
     with its prompt (a shortened history where training would use one)."""
-    conv = parse_row(row, options.train_on)
+    conv = parse_row(row, options.train_on, options.data_format)
     tc = adapt_to_template(conv, template_support(tokenizer))
     encoded = encode_conversation(conv, tokenizer, options)
     turn_messages = [k for k, trained in enumerate(tc.trained) if trained]

@@ -84,7 +84,7 @@ def inspect_file(
         try:
             if result.error:
                 raise result.error
-            conv = parse_row(result.row, options.train_on)
+            conv = parse_row(result.row, options.train_on, options.data_format)
             encoded = encode_conversation(conv, tokenizer, options)
         except DataError as e:
             report.reject(result.file, result.line, e)

@@ -59,7 +59,7 @@ from sftcore.config import TrainConfig
 from sftcore.evaluation import evaluate_turns, hf_generator, row_turns, summarize, tool_call_syntax
 from sftcore.heads import LogitTransform, logit_transform
 from sftcore.masking import IGNORE_INDEX
-from sftcore.models import load_tokenizer, native_bf16, resolve_model_path
+from sftcore.models import load_tokenizer, native_bf16, resolve_model_path, tile_mlps
 from sftcore.parallel import (
     all_finite,
     all_reduce_sum,
@@ -73,6 +73,7 @@ from sftcore.parallel import (
     wrap_model,
 )
 from sftcore.runtime import RayRuntime, WorkerRuntime, checkpoint_to_resume
+from sftcore.sequence_parallel import SequenceGroup, sequence_group, shard_tokens, shared_batches
 from sftcore.storage import StoragePath
 from sftcore.throughput import peak_flops, peak_memory_gb, reset_peak_memory, step_flops
 from sftcore.tracking import MetricsLogger, stable_run_id
@@ -91,7 +92,9 @@ class CheckpointWriteError(OSError):
 LOSS_CHUNK_TOKENS = 1024  # trained positions per LM-head chunk: bounds the logits held at once
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> dict[str, Any]:
+def collate(
+    batch: dict[str, np.ndarray], pad_id: int, device: torch.device, sequence: SequenceGroup | None = None
+) -> dict[str, Any]:
     """Right-pad a micro-batch of rows, packs or prefix trees into [batch, longest] tensors.
 
     The counts (num_tokens, num_trained), the flat positions whose hidden states predict the trained
@@ -103,11 +106,15 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> 
     inside, and for the padding tail), from which transformers' own attention implementations build
     a block-diagonal causal mask. Both get the sample boundaries (sftcore.attention), with which
     packed_sdpa and flash_attention_2 need no mask at all. Trees (``parents``: each token's parent)
-    get their tokens' positions in their samples and their segments' keys (sftcore.attention)."""
+    get their tokens' positions in their samples and their segments' keys (sftcore.attention).
+
+    With sequence parallelism (``sequence`` of more than one worker) the width is a multiple of the
+    group's size and this worker gets its slice of every row (sftcore.sequence_parallel)."""
     packed = "position_ids" in batch
     trees = "parents" in batch
     lengths = [len(ids) for ids in batch["input_ids"]]
-    width = max(lengths)
+    size = sequence.size if sequence is not None else 1
+    width = -(-max(lengths) // size) * size
     input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
     mask_or_positions = torch.zeros((len(lengths), width), dtype=torch.long)
     segments, sources, targets, parents = [], [], [], []
@@ -129,23 +136,25 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device) -> 
             segments.append([len(ids)])
     if trees:
         bounds, key_bounds, key_index, longest, most_keys = tree_segments(parents, width)
-        attention = {"cu_seq_lens_k": key_bounds.to(device), "max_length_k": most_keys}
-        attention |= {"tree_key_index": key_index.to(device), "cu_seq_lens_q": bounds.to(device)}
+        attention = {"cu_seq_lens_k": key_bounds, "max_length_k": most_keys}
+        attention |= {"tree_key_index": key_index, "cu_seq_lens_q": bounds}
     else:
         bounds, longest = segment_boundaries(segments, width)
-        bounds = bounds.to(device)
         attention = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_k": longest}
     trained_index = torch.as_tensor(np.concatenate(sources), dtype=torch.long)
-    return {
-        "input_ids": input_ids.to(device),
-        ("position_ids" if packed else "attention_mask"): mask_or_positions.to(device),
+    host = {
+        "input_ids": input_ids,
+        ("position_ids" if packed else "attention_mask"): mask_or_positions,
         **attention,
         "max_length_q": longest,
-        "trained_index": trained_index.to(device),
-        "trained_targets": torch.as_tensor(np.concatenate(targets), dtype=torch.long).to(device),
+        "trained_index": trained_index,
+        "trained_targets": torch.as_tensor(np.concatenate(targets), dtype=torch.long),
         "num_tokens": sum(lengths),
         "num_trained": len(trained_index),
     }
+    if size > 1:
+        host = shard_tokens(host, lengths, sequence.rank, size) | {"sequence_group": sequence.group}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in host.items()}
 
 
 def _chunk_loss(
@@ -238,12 +247,14 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, device: torch.device)
         source,
         dtype=torch.bfloat16 if bf16_base else torch.float32,
         attn_implementation=resolve_attention(
-            cfg.attn_implementation, config, cfg.max_seq_length, cfg.trains_trees(config)
+            cfg.attn_implementation, config, cfg.max_seq_length, cfg.trains_trees(config), cfg.sequence_parallel
         ),
         trust_remote_code=cfg.trust_remote_code,
     )
     if uses_gradient_checkpointing(cfg, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.tiled_mlp and not tile_mlps(model):
+        raise ValueError(f"--tiled_mlp: {type(model).__name__} has no dense MLP to tile (mixture-of-experts layers)")
     if not cfg.use_lora:
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -326,6 +337,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        self.sequence = sequence_group(self.rank, self.world, cfg.sequence_parallel)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.chat_template)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.state = TrainerState(total_steps=self.total_steps, wandb_run_id=stable_run_id(cfg.output_dir))
@@ -447,10 +459,11 @@ class Trainer:
         self.model.eval()
         loss_sum = correct = count = torch.zeros((), device=self.device, dtype=torch.float64)
         batches = list(self.runtime.validation_batches(self.cfg.per_device_batch_size))
-        rounds = math.ceil(len(batches) / self.world)
-        for index in range(rounds * self.world)[self.rank :: self.world]:
+        groups, group = self.sequence.count, self.sequence.index  # a sequence-parallel group shares a batch
+        rounds = math.ceil(len(batches) / groups)
+        for index in range(rounds * groups)[group::groups]:
             counted = index < len(batches)
-            batch = collate(batches[index if counted else 0], self.pad_id, self.device)
+            batch = collate(batches[index if counted else 0], self.pad_id, self.device, self.sequence)
             with self.autocast:
                 batch_loss, batch_correct = token_losses(self.model, batch)
             if counted:
@@ -539,13 +552,16 @@ class Trainer:
         cfg, state = self.cfg, self.state
         accum = cfg.gradient_accumulation_steps
         while state.step < self.total_steps:
-            batches = self.runtime.train_batches(state.epoch, cfg.per_device_batch_size, cfg.seed)
+            own = None  # a sequence-parallel group trains its first worker's batches
+            if self.sequence.leader:
+                own = self.runtime.train_batches(state.epoch, cfg.per_device_batch_size, cfg.seed)
+            batches = shared_batches(own, self.sequence)
             for _ in range(state.step_in_epoch * accum):  # resume mid-epoch: skip what was trained
                 next(batches)
             while state.step < self.total_steps and state.step_in_epoch < self.steps_per_epoch:
                 waited = time.perf_counter()
                 try:
-                    micro = [collate(next(batches), self.pad_id, self.device) for _ in range(accum)]
+                    micro = [collate(next(batches), self.pad_id, self.device, self.sequence) for _ in range(accum)]
                 except StopIteration:
                     break
                 row = self.train_step(micro, data_wait=time.perf_counter() - waited)

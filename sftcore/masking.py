@@ -63,8 +63,8 @@ _WINDOW_OMISSIONS = {
 @dataclass(frozen=True)
 class EncodeOptions:
     """How rows become training sequences (set from TrainConfig: --max_seq_length, --history_rewrites,
-    --overflow, --train_on, --window_slack, --tree_packing). ``trees``: a row's samples are then merged into
-    prefix trees (sftcore.trees); the samples themselves do not depend on it."""
+    --overflow, --train_on, --window_slack, --tree_packing, --data_format). ``trees``: a row's samples
+    are then merged into prefix trees (sftcore.trees); the samples themselves do not depend on it."""
 
     max_seq_length: int | None = None
     history_rewrites: str = "split"
@@ -72,6 +72,7 @@ class EncodeOptions:
     train_on: str = "all"
     window_slack: float = 0.5
     trees: bool = False
+    data_format: str = "auto"  # the rows' shape (sftcore.data.row_format)
 
 
 @dataclass
@@ -488,4 +489,4 @@ def encode_row(row: dict, tokenizer: Any, options: EncodeOptions | None = None) 
     trained and -100 elsewhere (the model shifts). Raises DataError (with a ``reason`` code) for
     invalid rows and rows left with nothing to train."""
     options = options or EncodeOptions()
-    return encode_conversation(parse_row(row, options.train_on), tokenizer, options)
+    return encode_conversation(parse_row(row, options.train_on, options.data_format), tokenizer, options)

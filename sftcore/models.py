@@ -9,6 +9,7 @@ directory; later loads take well under a second.
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -95,3 +96,31 @@ def native_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+MLP_TILE_TOKENS = 4096  # tokens per tile of --tiled_mlp
+
+
+def _tiled_forward(forward: Any, tile_tokens: int, hidden: Any) -> Any:
+    import torch
+    import torch.utils.checkpoint
+
+    if hidden.shape[-2] <= tile_tokens or not torch.is_grad_enabled():
+        return forward(hidden)
+    tiles = hidden.split(tile_tokens, dim=-2)
+    return torch.cat([torch.utils.checkpoint.checkpoint(forward, t, use_reentrant=False) for t in tiles], dim=-2)
+
+
+def tile_mlps(model: Any, tile_tokens: int = MLP_TILE_TOKENS) -> int:
+    """--tiled_mlp (ALST's tiled MLP): every dense MLP runs over the sequence in tiles, each recomputed
+    in its backward, so the MLP's intermediate activations (several times the intermediate size per
+    token, the largest a layer holds) exist for one tile at a time, for one more forward of the MLP.
+    The forward is replaced on the module itself, so weights keep their names. Mixture-of-experts
+    blocks (which return their router's logits too) are left whole. Returns how many were tiled."""
+    tiled = 0
+    for name, module in model.named_modules():
+        kind = type(module).__name__.lower()
+        if name.endswith(".mlp") and not any(word in kind for word in ("moe", "sparse", "expert")):
+            module.forward = functools.partial(_tiled_forward, module.forward, tile_tokens)
+            tiled += 1
+    return tiled

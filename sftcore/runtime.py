@@ -15,7 +15,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,33 @@ def placeable_workers(per_worker: dict[str, float], nodes: list[dict[str, float]
     return sum(min(int(node.get(k, 0) // v) for k, v in wanted.items()) for node in nodes)
 
 
+def group_data_config(sequence_parallel: int) -> Any:
+    """Ray Train's DataConfig with the training data split per sequence-parallel group: the first worker
+    of each group gets its group's split (shared with the rest by sftcore.sequence_parallel); validation
+    goes whole to every worker."""
+    import ray.train
+
+    class GroupDataConfig(ray.train.DataConfig):
+        def configure(
+            self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
+        ) -> list[dict[str, Any]]:
+            rest = {name: ds for name, ds in datasets.items() if name != "train"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "train" not in datasets:  # Ray Train V2 configures one dataset at a time
+                return output
+            train = datasets["train"].copy(datasets["train"])
+            train.set_name("train")
+            train.context.execution_options = self._resolve_execution_options("train")
+            leaders = list(range(0, world_size, sequence_parallel))
+            hints = [worker_node_ids[i] for i in leaders] if self._enable_shard_locality and worker_node_ids else None
+            splits = train.streaming_split(len(leaders), equal=True, locality_hints=hints)
+            for worker in range(world_size):  # every worker has an entry; the others' is None
+                output[worker]["train"] = splits[worker // sequence_parallel] if worker in leaders else None
+            return output
+
+    return GroupDataConfig(datasets_to_split=[])
+
+
 class RayRuntime:
     """A Ray Train worker: data from Ray Data shards, checkpoints reported to (and restored by) Ray Train.
     Its console output stays in Ray's log files; rank 0 sends its progress and its sftcore log lines to
@@ -51,8 +78,9 @@ class RayRuntime:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.validation_shard = None  # fetched on first use: a run without validation has none
+        # fetched on first use: a run without validation has none, and of a sequence-parallel group
+        # only the first worker reads the training data (sftcore.sequence_parallel)
+        self.train_shard = self.validation_shard = None
         self.events = events if self.rank == 0 else None
         if self.events is not None:
             sftcore_logger = logging.getLogger("sftcore")
@@ -70,6 +98,10 @@ class RayRuntime:
             self.events = None
 
     def train_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+        import ray.train
+
+        if self.train_shard is None:
+            self.train_shard = ray.train.get_dataset_shard("train")
         return iter(
             self.train_shard.iter_batches(
                 batch_size=batch_size,
@@ -206,11 +238,15 @@ class TorchrunRuntime:
     def launched() -> bool:
         return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
-    def set_data(self, train: list[dict[str, Any]], validation: list[dict[str, Any]] | None) -> None:
+    def set_data(
+        self, train: list[dict[str, Any]], validation: list[dict[str, Any]] | None, sequence_parallel: int = 1
+    ) -> None:
         """Take this rank's equal share of the training sequences (like Ray Data's equal split, the
-        remainder is dropped so every rank runs the same number of steps) and all of validation."""
-        per_rank = len(train) // self.world
-        self.train = train[self.rank :: self.world][:per_rank]
+        remainder is dropped so every rank runs the same number of steps) and all of validation. With
+        sequence parallelism the shares are per group, held by the group's first worker."""
+        groups, group = self.world // sequence_parallel, self.rank // sequence_parallel
+        leader = self.rank % sequence_parallel == 0
+        self.train = train[group::groups][: len(train) // groups] if leader else []
         self.validation = validation
 
     def train_batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -256,6 +292,29 @@ class TorchrunRuntime:
 
 
 WorkerRuntime = RayRuntime | TorchrunRuntime
+
+
+def _switched_on(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def accelerate_strategy(strategy: str, use_lora: bool, environ: Mapping[str, str]) -> str:
+    """The --strategy to train with under ``accelerate launch``, whose own switches arrive as
+    environment variables: --use_fsdp (or an `accelerate config` with FSDP) trains with FSDP2, never
+    silently with DDP; DeepSpeed is refused. Raises ValueError with the line to show."""
+    if _switched_on(environ, "ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError(
+            "accelerate launch with DeepSpeed: sftcore shards with FSDP2; launch without DeepSpeed, and pass "
+            "--strategy fsdp to shard the model"
+        )
+    if not _switched_on(environ, "ACCELERATE_USE_FSDP"):
+        return strategy
+    if use_lora:
+        raise ValueError(
+            "accelerate launch --use_fsdp with --use_lora: a LoRA adapter trains with DDP (it is small); launch "
+            "without --use_fsdp, or drop --use_lora to shard full fine-tuning"
+        )
+    return "fsdp"
 
 
 @contextlib.contextmanager

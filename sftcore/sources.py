@@ -2,6 +2,10 @@
 local, s3://, gs://, hdfs://...), resolved once, then read line by line, decompressing .gz / .zst /
 .bz2 on the way. Each line is named by its file and 1-based line number wherever it is reported.
 
+Columnar files are read as the same lines: a Parquet file's or an Arrow stream's rows (the files of a
+``datasets`` folder written by ``save_to_disk``), each as one JSON line, numbered by row from 1. So
+both data paths, the split and every report treat them as they treat JSONL.
+
 Credentials for cloud storage come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
 instance roles), as pyarrow reads them; sftcore never stores them.
 """
@@ -10,7 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import math
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +25,9 @@ from typing import Any
 from sftcore.data import LINE_TOO_LONG, MAX_LINE_BYTES, DataError, LineResult, parse_line
 from sftcore.storage import GLOB_CHARS, filesystem_of, first_line
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2")  # what a directory or a ** glob picks up
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")  # .arrow: the Arrow streams datasets' save_to_disk writes
+ROW_SUFFIXES = JSONL_SUFFIXES + COLUMNAR_SUFFIXES  # what a directory picks up
 _READ_BYTES = 1 << 20
 
 
@@ -88,7 +97,30 @@ def _match(pattern: list[str], parts: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
 
 
+HUB_DATASET = re.compile(r"[\w.-]+/[\w.-]+")  # --data_path ORG/NAME: a hub dataset, where no such path exists
+
+
 def _resolve_one(source: str, weight: float) -> list[DataFile]:
+    given = source
+    if HUB_DATASET.fullmatch(source) and not source.endswith(ROW_SUFFIXES) and not os.path.exists(source):
+        source = f"hf://datasets/{source}"
+    if not source.startswith("hf://"):
+        return _resolve_files(source, weight)
+    try:
+        return _resolve_files(source, weight)
+    except DataError as e:  # most often: no hub access from here
+        repo = "/".join(source.removeprefix("hf://datasets/").split("/")[:2])
+        local = (
+            f"{given}: no such file or directory here, nor as a Hugging Face hub dataset: " if given != source else ""
+        )
+        raise DataError(
+            f"{local}{e} (where the hub cannot be reached, download the dataset where it can, `huggingface-cli "
+            f"download --repo-type dataset {repo} --local-dir DIR`, and pass --data_path DIR)",
+            e.reason,
+        ) from None
+
+
+def _resolve_files(source: str, weight: float) -> list[DataFile]:
     import pyarrow.fs as pafs
 
     filesystem, path, prefix = _filesystem(source)
@@ -107,9 +139,17 @@ def _resolve_one(source: str, weight: float) -> list[DataFile]:
             raise DataError(f"{source}: no such file", "missing_file")
         if info.type != pafs.FileType.Directory:
             return [DataFile(source, path, filesystem, info.size, weight)]
-        found = [i for i in _listed(filesystem, path, source) if i.path.endswith(JSONL_SUFFIXES)]
+        listed = _listed(filesystem, path, source)
+        if any(i.path == f"{path.rstrip('/')}/dataset_dict.json" for i in listed):
+            splits = sorted({i.path[len(path.rstrip("/")) + 1 :].split("/")[0] for i in listed} - {"dataset_dict.json"})
+            raise DataError(
+                f"{source}: a datasets DatasetDict ({', '.join(splits)}): name the split to train on, as "
+                f"{source.rstrip('/')}/{splits[-1] if 'train' not in splits else 'train'}",
+                "missing_file",
+            )
+        found = [i for i in listed if i.path.endswith(ROW_SUFFIXES)]
         if not found:
-            raise DataError(f"{source}: a directory with no {', '.join(JSONL_SUFFIXES)} file in it", "missing_file")
+            raise DataError(f"{source}: a directory with no {', '.join(ROW_SUFFIXES)} file in it", "missing_file")
     return [DataFile(i.path if local else prefix + i.path, i.path, filesystem, i.size, weight) for i in found]
 
 
@@ -163,9 +203,38 @@ def split_lines(stream: Any) -> Iterator[tuple[int, bytes]]:
         yield number + 1, LINE_TOO_LONG
 
 
-def open_lines(file: DataFile) -> Iterator[tuple[int, bytes]]:
-    """A file's lines, decompressed by its extension (.gz, .zst, .bz2)."""
+def is_columnar(path: str) -> bool:
+    return path.endswith(COLUMNAR_SUFFIXES)
+
+
+def columnar_lines(source: Any, path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based row number, the row as a JSON line) for each row of a Parquet file (``source`` opened
+    for random access) or an Arrow stream. Fields a row lacks but the file's schema has are null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
     try:
+        batches = (
+            pq.ParquetFile(source).iter_batches(batch_size=256)
+            if path.endswith(".parquet")
+            else pa.ipc.open_stream(source)
+        )
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, json.dumps(row, ensure_ascii=False, default=str).encode()
+    except pa.ArrowException as e:  # not Parquet / Arrow, or corrupt (ArrowInvalid, ArrowIOError)
+        raise OSError(f"not a readable {path.rpartition('.')[2]} file after row {number}: {first_line(e)}") from None
+
+
+def open_lines(file: DataFile) -> Iterator[tuple[int, bytes]]:
+    """A file's lines, decompressed by its extension (.gz, .zst, .bz2); a columnar file's rows as lines."""
+    try:
+        if is_columnar(file.path):
+            with file.filesystem.open_input_file(file.path) as source:
+                yield from columnar_lines(source, file.path)
+            return
         with file.filesystem.open_input_stream(file.path, compression="detect") as stream:
             yield from split_lines(stream)
     except OSError as e:

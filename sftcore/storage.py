@@ -34,6 +34,11 @@ def filesystem_of(location: str) -> tuple[Any, str, str]:
     scheme, sep, rest = location.partition("://")
     if not sep or len(scheme) < 2:  # a plain path (or a Windows drive letter)
         return pafs.LocalFileSystem(), os.path.abspath(location), ""
+    if scheme == "hf":  # the Hugging Face hub (hf://datasets/ORG/NAME/...), through huggingface_hub's fsspec
+        from huggingface_hub import HfFileSystem
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return PyFileSystem(FSSpecHandler(HfFileSystem())), rest.rstrip("/"), "hf://"
     glob_at = min((rest.find(c) for c in GLOB_CHARS if c in rest), default=-1)
     root = location if glob_at < 0 else f"{scheme}://{rest[:glob_at]}"
     try:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from sftcore.models import load_tokenizer
+# No test reaches the Hugging Face hub (huggingface_hub reads this once, when it is first imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sftcore.models import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
@@ -115,18 +118,16 @@ def think_tokenizer():
 
 
 def tiny_llama_config(vocab_size: int, max_position_embeddings: int = 2048, **extra):
-    """A 2-layer Llama config, 4 query heads over 2 key/value heads (grouped-query attention)."""
+    """A 2-layer Llama config, 4 query heads over 2 key/value heads (grouped-query attention) unless
+    extra says otherwise."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,
-        **extra,
+        **{"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, **extra},
     )
 
 

@@ -127,7 +127,8 @@ BAD_ROWS = [
         "invalid_row",
         "content must be a string",
     ),
-    ("tools not a list", {"input": "x", "output": "y", "tools": "f"}, "bad_type", "'tools' must be a list"),
+    ("tools not a list", {"input": "x", "output": "y", "tools": 3}, "bad_type", "'tools' must be a list"),
+    ("tools not JSON", {"input": "x", "output": "y", "tools": "f"}, "bad_input_json", "'tools' is a string but not"),
     (
         "reasoning not a string",
         {"input": "x", "output": [{"role": "assistant", "content": "y", "reasoning_content": ["a"]}]},
@@ -247,5 +248,108 @@ def test_deeply_nested_json_is_an_error_not_a_crash():
 def test_missing_file_and_directory_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         list(read_jsonl(tmp_path / "nope.jsonl"))
-    with pytest.raises(DataError, match="a directory with no .jsonl, .jsonl.gz, .jsonl.zst, .jsonl.bz2 file"):
+    with pytest.raises(DataError, match="with no .jsonl, .jsonl.gz, .jsonl.zst, .jsonl.bz2, .parquet, .arrow"):
         list(read_jsonl(tmp_path))
+
+
+# --- the shapes public agent data comes in: OpenAI / TRL messages, ShareGPT ---
+
+
+def _rows_without_ids(row: dict) -> dict:
+    """A row as ShareGPT can say it: no tool-call or tool-message ids (its turns carry none)."""
+    inputs = row["input"]
+    if isinstance(inputs, str):
+        inputs = json.loads(inputs) if inputs.startswith("[") else [{"role": "user", "content": inputs}]
+    output = []
+    for m in row["output"]:
+        m = {k: v for k, v in m.items() if k not in ("tool_call_id", "name")}
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{"type": "function", "function": c["function"]} for c in m["tool_calls"]]
+        output.append(m)
+    return {"input": inputs, "output": output, **({"tools": row["tools"]} if "tools" in row else {})}
+
+
+def _as_messages(row: dict) -> dict:
+    return {"messages": row["input"] + row["output"], **({"tools": row["tools"]} if "tools" in row else {})}
+
+
+def _as_sharegpt(row: dict) -> dict:
+    """Written the way LLaMA-Factory's ShareGPT loader reads tool-using runs: the system prompt apart,
+    calls as function_call turns ({"name", "arguments"}), results as observations, tools as a JSON string."""
+    speaker = {"user": "human", "assistant": "gpt", "tool": "observation"}
+    turns = []
+    for m in row["input"][1:] + row["output"]:
+        if m["role"] != "assistant" or m.get("content"):
+            turns.append({"from": speaker[m["role"]], "value": m["content"]})
+        if m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+            turns.append({"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls)})
+    out = {"system": row["input"][0]["content"], "conversations": turns}
+    return out | ({"tools": json.dumps(row["tools"])} if "tools" in row else {})
+
+
+def test_the_same_trajectories_as_rows_messages_and_sharegpt_train_the_same_tokens(qwen_tokenizer):
+    from conftest import DATA
+
+    from sftcore.masking import EncodeOptions, encode_row
+
+    tau = [json.loads(line) for line in (DATA / "taubench_airline_dev.jsonl").read_text().splitlines()][:6]
+    fire = [json.loads(line) for line in (DATA / "fireact_hotpotqa.jsonl").read_text().splitlines()][:3]
+    tools = [{"type": "function", "function": {"name": "get_user_details", "parameters": {"type": "object"}}}]
+    rows = [_rows_without_ids(r) for r in tau + fire]
+    rows[0]["tools"] = tools
+    for row in rows:
+        if not isinstance(row["input"], list) or row["input"][0]["role"] != "system":
+            row["input"] = [{"role": "system", "content": "You answer questions."}, *row["input"]]
+    assert sum(bool(m.get("tool_calls")) for r in rows for m in r["output"]) > 10  # tool calls among them
+    for row in rows:
+        expected = encode_row(row, qwen_tokenizer, EncodeOptions(max_seq_length=8192)).samples
+        for shape, other in (("messages", _as_messages(row)), ("sharegpt", _as_sharegpt(row))):
+            for data_format in ("auto", shape):
+                got = encode_row(other, qwen_tokenizer, EncodeOptions(max_seq_length=8192, data_format=data_format))
+                assert [(s.input_ids, s.labels) for s in got.samples] == [(s.input_ids, s.labels) for s in expected]
+    # TRL's prompt-completion rows, and messages with a turn that opts out
+    prompt_completion = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+    }
+    assert parse_row(prompt_completion).trained == [False, True]
+    opted = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": False}]}
+    opted["messages"] += [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert parse_row(opted).trained == [False, False, False, True]
+
+
+BAD_SHAPES = [
+    ({"messages": "hi"}, "bad_type", "'messages' must be a list of messages, got str"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no_assistant", "the conversation has no assistant message"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, "unknown_role", "conversations[0]: unknown 'from' 'bot'"),
+    (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{oops"}]},
+        "bad_input_json",
+        "conversations[1] (function_call) is a string but not valid JSON",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "[{"},
+        "bad_input_json",
+        "'tools' is a string but not valid JSON",
+    ),
+    ({"text": "hello"}, "missing_field", "a row needs 'input' and 'output', 'messages' (OpenAI / TRL), or"),
+]
+
+
+def test_broken_rows_in_each_shape_are_reported_with_their_line_and_reason(tmp_path, qwen_tokenizer):
+    from sftcore.dataset import build_sequences
+    from sftcore.masking import EncodeOptions
+
+    path = tmp_path / "mixed.jsonl"
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good, *(row for row, _, _ in BAD_SHAPES)]))
+    qwen_tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=len(qwen_tokenizer)).save_pretrained(tmp_path / "tok")
+    _, _, summary = build_sequences(str(path), str(tmp_path / "tok"), EncodeOptions(max_seq_length=512), 0, 0)
+    assert summary.rows == 1
+    got = {entry["line"]: (entry["reason"], entry["message"]) for entry in summary.rejected}
+    for line, (_, reason, message) in enumerate(BAD_SHAPES, start=2):
+        assert got[line][0] == reason and message in got[line][1], (line, got[line])

@@ -101,14 +101,24 @@ def test_torchrun_data_path_matches_the_ray_data_path(tmp_path, packing, weight)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packing,trees", [(True, False), (False, False), (True, True), (False, True)])
-def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing, trees):
+@pytest.mark.parametrize(
+    "packing,trees,parquet", [(True, False, False), (False, False, False), (True, True, False), (False, True, True)]
+)
+def test_a_row_split_into_samples_goes_to_one_split_and_both_paths_agree(tmp_path, packing, trees, parquet):
     """Under Qwen3's template tau-bench rows become several samples each (or prefix trees); a row's
     samples all go to the same split, the counts add up, and the Ray Data and torchrun paths give the
-    same sequences."""
+    same sequences (one case reads the rows as OpenAI messages from a Parquet file)."""
     lines = (DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:12]
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(lines) + "\n")
+    if parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [json.loads(line) for line in lines]
+        messages = [{"messages": json.loads(r["input"]) + r["output"]} for r in rows]
+        data = tmp_path / "rows.parquet"
+        pq.write_table(pa.Table.from_pylist(messages), data)
     options = {
         "data_path": str(data),
         "model_name_or_path": "smollm2-135m-instruct",

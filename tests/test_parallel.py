@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from sftcore.checkpoint import MANIFEST, checkpoint_problem, read_trainer_state
 from sftcore.parallel import SHARDED_DIR
+from sftcore.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +114,16 @@ def test_torchrun_runs_the_same_loop_without_ray_and_writes_the_same_layout(tmp_
     assert read_trainer_state(fsdp_out / "final").step == 4
     assert AutoModelForCausalLM.from_pretrained(fsdp_out / "final").config.num_hidden_layers == 2
 
-    # accelerate launch starts the processes through torchrun's launcher: the same path
-    accelerated = torchrun(tmp_path / "accelerate", *args, "--max_steps", "2", launcher=ACCELERATE)
+    # accelerate launch starts the processes through torchrun's launcher: the same path. Its own FSDP
+    # switch is read (FSDP2, not silently DDP); here the two processes also share each pack (sequence
+    # parallelism) and evaluate together
+    shared = ["--sequence_parallel", "2", "--validation_split", "0.25"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2"]
+    accelerated = torchrun(tmp_path / "accelerate", *args, *shared, "--max_steps", "2", launcher=launcher)
     assert accelerated.returncode == 0, accelerated.stderr[-3000:]
     assert "torchrun started 2 processes" in accelerated.stderr
+    assert "accelerate launch --use_fsdp: training with --strategy fsdp" in accelerated.stderr
     assert checkpoint_problem(tmp_path / "accelerate" / "final") is None
+    assert (tmp_path / "accelerate" / "final" / SHARDED_DIR).is_dir()
+    evaluated = [row for row in read_metrics(tmp_path / "accelerate") if "eval_loss" in row]
+    assert evaluated and all(math.isfinite(row["eval_loss"]) for row in evaluated)

@@ -196,3 +196,72 @@ def test_a_source_may_carry_a_mixing_weight_after_a_last_colon(tmp_path):
     assert [f.weight for f in resolve_data_files(f"{data}:3")] == [3.0]
     with pytest.raises(DataError, match="named twice in --data_path, with weights 3 and 1"):
         resolve_data_files(f"{data}:3,{tmp_path}")
+
+
+# --- columnar files: Parquet, and the Arrow streams of datasets' save_to_disk folders ---
+
+
+def _tau_rows(count: int) -> list[dict]:
+    import json
+
+    from conftest import DATA
+
+    rows = [json.loads(line) for line in (DATA / "taubench_airline_dev.jsonl").read_text().splitlines()[:count]]
+    return [{"input": json.loads(r["input"]), "output": r["output"]} for r in rows]
+
+
+def test_parquet_files_and_save_to_disk_folders_train_the_same_samples_as_jsonl(tmp_path):
+    """The same trajectories as JSONL rows, as OpenAI messages in a Parquet file and as a datasets
+    folder (save_to_disk): token for token the same samples; a bad row is named by its file and row."""
+    import json
+
+    import datasets
+    import pyarrow.parquet as pq
+
+    from sftcore.dataset import build_sequences
+    from sftcore.masking import EncodeOptions
+
+    rows = _tau_rows(5)
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages = [{"messages": r["input"] + r["output"]} for r in rows]
+    messages.append({"messages": [{"role": "user", "content": "q"}]})  # row 6: nothing to answer
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist(messages), tmp_path / "parquet" / "part-0.parquet")
+    datasets.Dataset.from_list(messages).save_to_disk(str(tmp_path / "saved"))
+
+    def samples(data_path: str):
+        train, _, summary = build_sequences(
+            data_path, "smollm2-135m-instruct", EncodeOptions(max_seq_length=4096), 0, 0, packing=False
+        )
+        return sorted((tuple(s["input_ids"]), tuple(s["labels"])) for s in train), summary
+
+    expected, _ = samples(str(jsonl))
+    assert len(expected) >= 5
+    for source in (tmp_path / "parquet", tmp_path / "parquet" / "part-0.parquet", tmp_path / "saved"):
+        got, summary = samples(str(source))
+        assert got == expected, source
+        assert summary.rows == 5 and [(r["line"], r["reason"]) for r in summary.rejected] == [(6, "no_assistant")]
+        assert summary.rejected[0]["file"].endswith((".parquet", ".arrow"))
+
+    # a datasets DatasetDict: which split to train on is said, not guessed
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(messages)}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(
+        DataError, match="a datasets DatasetDict \\(train\\): name the split to train on, as .*/dict/train"
+    ):
+        resolve_data_files(str(tmp_path / "dict"))
+    # a file that is not Parquet: one line naming it
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="broken.parquet: cannot be read \\(not a readable parquet file after row 0"):
+        list(open_lines(resolve_data_files(str(tmp_path / "broken.parquet"))[0]))
+
+
+def test_a_hub_dataset_without_hub_access_is_one_line_saying_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach out from a test
+    for source in ("Salesforce/APIGen-MT-5k", "hf://datasets/Salesforce/APIGen-MT-5k"):
+        with pytest.raises(DataError) as info:
+            resolve_data_files(source)
+        message = str(info.value)
+        assert "\n" not in message and "offline mode is enabled" in message
+        assert "huggingface-cli download --repo-type dataset Salesforce/APIGen-MT-5k --local-dir DIR" in message
+    assert str(info.value).startswith("hf://datasets/Salesforce/APIGen-MT-5k: cannot be read")

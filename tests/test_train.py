@@ -39,6 +39,11 @@ def test_two_workers_train_like_one_with_the_same_global_batch_and_the_saved_con
     assert one.returncode == 0, one.stderr[-3000:]
     two = train(tmp_path / "two", *base, "--num_workers", "2", "--per_device_batch_size", "2", "--report_to", "none")
     assert two.returncode == 0, two.stderr[-3000:]
+    # two workers sharing each batch of 4 rows (sequence parallelism): one worker's losses
+    shared = train(
+        tmp_path / "shared", *base, "--num-workers", "2", "--sequence_parallel", "2", "--per_device_batch_size", "4"
+    )
+    assert shared.returncode == 0, shared.stderr[-3000:]
     accum = train(
         tmp_path / "accum",
         *base,
@@ -61,7 +66,7 @@ def test_two_workers_train_like_one_with_the_same_global_batch_and_the_saved_con
     reference = losses(tmp_path / "one")
     assert sorted(reference) == [1, 2, 3]
     assert reference[3] < reference[1]  # it learns
-    for other in (losses(tmp_path / "two"), losses(tmp_path / "accum")):
+    for other in (losses(tmp_path / "two"), losses(tmp_path / "shared"), losses(tmp_path / "accum")):
         assert other.keys() == reference.keys()
         for step in reference:
             assert other[step] == pytest.approx(reference[step], rel=1e-4)
@@ -96,9 +101,11 @@ def test_stop_and_resume_matches_an_uninterrupted_run_and_final_loads(tmp_path, 
     ]
     whole = train(tmp_path / "whole", *base, "--max_steps", "8")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    first = train(tmp_path / "resumed", *base, "--max_steps", "5")
+    # the stopped run shares each pack between 2 workers (sequence parallelism): the same packs and losses
+    shared = ["--num-workers", "2", "--sequence_parallel", "2"]
+    first = train(tmp_path / "resumed", *base, *shared, "--max_steps", "5")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = train(tmp_path / "resumed", *base, "--max_steps", "8")  # same output dir: continues from step 5
+    second = train(tmp_path / "resumed", *base, *shared, "--max_steps", "8")  # same output dir: continues from 5
     assert second.returncode == 0, second.stderr[-3000:]
     assert "continuing from" in second.stderr
 
@@ -126,7 +133,7 @@ def test_stop_and_resume_matches_an_uninterrupted_run_and_final_loads(tmp_path, 
 
     # another data plan would replay other rows from the saved position: refused, naming what changed
     base[base.index("--per_device_batch_size") + 1] = "1"
-    changed = train(tmp_path / "resumed", *base, "--max_steps", "10", "--gradient_accumulation_steps", "2")
+    changed = train(tmp_path / "resumed", *base, *shared, "--max_steps", "10", "--gradient_accumulation_steps", "2")
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert changed.stderr.strip().splitlines()[-1] == (
         f"error: {final} was written with --per_device_batch_size 2 (now 1), --gradient_accumulation_steps 1 "
@@ -280,6 +287,19 @@ def test_a_packed_kernel_asked_for_a_model_it_does_not_compute_is_one_line_befor
         f"error: --model_name_or_path {gemma}: --attn_implementation packed_sdpa does not compute this model's "
         "attention-logit soft-capping and a 16-token sliding window: use --attn_implementation auto, which picks "
         "transformers' attention for it"
+    )
+    result = train(tmp_path / "out", *args, "--num-workers", "3", "--sequence_parallel", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --sequence_parallel 2 must divide --num-workers 3: each group of that many workers shares its packs"
+    )
+    # transformers' own attention builds its masks for a worker's slice: refused with sequence parallelism
+    shared = ["--num-workers", "2", "--sequence_parallel", "2", "--attn_implementation", "eager"]
+    result = train(tmp_path / "out", *args, *shared)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model_name_or_path {gemma}: --sequence_parallel runs with --attn_implementation packed_sdpa, "
+        "packed_varlen or packed_eager (or auto), not eager"
     )
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from sftcore.attention import check_attention
@@ -25,7 +25,14 @@ from sftcore.console import Progress, configure_console_logging, quiet_libraries
 from sftcore.data import NOT_BAD_INPUT, DataError
 from sftcore.dataset import DatasetSummary
 from sftcore.models import load_model_config, load_tokenizer
-from sftcore.runtime import TorchrunRuntime, placeable_workers, relay_events
+from sftcore.runtime import (
+    TorchrunRuntime,
+    accelerate_strategy,
+    group_data_config,
+    placeable_workers,
+    relay_events,
+)
+from sftcore.sequence_parallel import check_sequence_parallel
 from sftcore.sources import read_jsonl, resolve_data_files
 from sftcore.storage import StoragePath, first_line
 from sftcore.templates import load_chat_template, template_support
@@ -187,14 +194,17 @@ def check_output_dir_is_shared(output_dir: StoragePath) -> None:
 
 
 def plan_steps(cfg: TrainConfig, train_sequences: int) -> tuple[int, int]:
-    """(steps per epoch, total steps). Every worker gets train_sequences // num_workers sequences
-    (packs, or rows without packing): the data is split equally."""
+    """(steps per epoch, total steps). Every worker (every sequence-parallel group) gets
+    train_sequences // workers (groups) sequences (packs, or rows without packing): the data is split equally."""
     per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
-    steps_per_epoch = (train_sequences // cfg.num_workers) // per_step
+    steps_per_epoch = (train_sequences // cfg.data_parallel) // per_step
     if steps_per_epoch == 0:
         what = "packs" if cfg.packing else "rows"
+        who = f"{cfg.num_workers} worker(s)"
+        if cfg.sequence_parallel > 1:
+            who = f"{cfg.data_parallel} group(s) of {cfg.sequence_parallel} workers"
         raise UsageError(
-            f"{train_sequences} training {what} are too few for {cfg.num_workers} worker(s) x --per_device_batch_size "
+            f"{train_sequences} training {what} are too few for {who} x --per_device_batch_size "
             f"{cfg.per_device_batch_size} x --gradient_accumulation_steps {cfg.gradient_accumulation_steps}; "
             "lower one of them" + (", or pass --packing false" if cfg.packing else "")
         )
@@ -382,6 +392,7 @@ def prepare(cfg: TrainConfig) -> tuple[StoragePath, bool]:
     model_config = load_model_config(cfg.model_name_or_path, cfg.trust_remote_code)
     try:
         check_attention(cfg.attn_implementation, model_config, cfg.max_seq_length)
+        check_sequence_parallel(cfg.attn_implementation, model_config, cfg.max_seq_length, cfg.sequence_parallel)
     except ValueError as e:
         raise UsageError(f"--model_name_or_path {cfg.model_name_or_path}: {e}") from None
     return output_dir, cfg.trains_trees(model_config)
@@ -394,6 +405,11 @@ def run(cfg: TrainConfig, started: float) -> int:
     from sftcore.dataset import build_datasets
 
     output_dir, trees = prepare(cfg)
+    if cfg.num_workers % cfg.sequence_parallel:  # under torchrun the process count is checked instead
+        raise UsageError(
+            f"--sequence_parallel {cfg.sequence_parallel} must divide --num-workers {cfg.num_workers}: each group of "
+            "that many workers shares its packs"
+        )
     save_resolved_config(cfg, output_dir)
     init_ray(cfg)
     check_output_dir_is_shared(output_dir)
@@ -458,7 +474,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=group_data_config(cfg.sequence_parallel),
     )
     try:
         trainer.fit()
@@ -474,12 +490,25 @@ def run_under_torchrun(cfg: TrainConfig, started: float) -> int:
     from sftcore.loop import CheckpointWriteError, NonFiniteLossError, run_worker
     from sftcore.parallel import gather_objects
 
+    try:
+        strategy = accelerate_strategy(cfg.strategy, cfg.use_lora, os.environ)
+        if strategy != cfg.strategy:
+            cfg = replace(cfg, strategy=strategy)  # checked again as if given
+            if os.environ.get("RANK") == "0":
+                logger.info(
+                    "accelerate launch --use_fsdp: training with --strategy fsdp (FSDP2, one unit per transformer "
+                    "block; accelerate's other FSDP settings are not read)"
+                )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     output_dir, trees = prepare(cfg)  # every process checks before any of them writes (init is a rendezvous)
     runtime = TorchrunRuntime()
     try:
         if cfg.num_workers != runtime.world and runtime.rank == 0:
             logger.info("torchrun started %d processes: training with %d workers", runtime.world, runtime.world)
         cfg.num_workers = runtime.world
+        if runtime.world % cfg.sequence_parallel:
+            raise UsageError(f"--sequence_parallel {cfg.sequence_parallel} must divide the {runtime.world} processes")
         if runtime.rank == 0:
             save_resolved_config(cfg, output_dir)
         train, validation, summary = build_sequences(
@@ -497,7 +526,7 @@ def run_under_torchrun(cfg: TrainConfig, started: float) -> int:
             gather=gather_objects,
         )
         loop_config = account_for_data(cfg, summary, output_dir, speak=runtime.rank == 0)
-        runtime.set_data(train, validation)
+        runtime.set_data(train, validation, cfg.sequence_parallel)
         if runtime.rank == 0:
             runtime.progress = Progress(loop_config["total_steps"])
         try:
