@@ -1,4 +1,4 @@
-"""TrainConfig is the one source of truth for flags: the CLI, its validation and the README table."""
+"""TrainConfig is the one source of truth for flags: the CLI, its validation and the table in docs/flags.md."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from conftest import REPO
 from sftcore.config import TrainConfig, parse_config, read_config_file, save_resolved_config
 
 
-def test_every_flag_is_in_the_readme_table_with_its_help_and_default():
-    readme = REPO.joinpath("README.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `--")}
+def test_every_flag_is_in_the_docs_flags_table_with_its_help_and_default():
+    table = REPO.joinpath("docs", "flags.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| `--")}
     fields = dataclasses.fields(TrainConfig)
     assert len(rows) == len(fields)
     for f in fields:
         names = " / ".join(f"`{n}`" for n in [f"--{f.name}", *f.metadata["aliases"]])
-        assert names in rows, f"README has no row for {names}"
+        assert names in rows, f"docs/flags.md has no row for {names}"
         row = rows[names]
-        assert f.metadata["help"] in row, f"README's help for --{f.name} differs from --help"
+        assert f.metadata["help"] in row, f"docs/flags.md's help for --{f.name} differs from --help"
         default = "required" if f.name == "data_path" else ("auto" if f.default is None else f"`{f.default}`")
-        assert row.split("|")[2].strip() == default, f"README's default for --{f.name}"
+        assert row.split("|")[2].strip() == default, f"docs/flags.md's default for --{f.name}"
 
 
 def test_aliases_and_booleans_parse():
