@@ -172,6 +172,14 @@ class LineCounts:
         self.omissions = _first_per_reason(self.omissions + other.omissions)
 
     @property
+    def shapes(self) -> dict[str, int]:
+        """Trained rows by the shape they were written in (rows, messages, sharegpt; row_format)."""
+        total: Counter = Counter()
+        for counts in self.files.values():
+            total.update({key.removeprefix("as "): n for key, n in counts.items() if key.startswith("as ")})
+        return dict(total)
+
+    @property
     def split_overhead(self) -> float:
         """Tokens in the samples / tokens of the rows as one sequence each (1.0: nothing was split)."""
         return self.tokens / max(1, self.row_tokens)

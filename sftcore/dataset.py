@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sftcore.data import DataError, LineCounts, parse_line, parse_row
+from sftcore.data import DataError, LineCounts, parse_line, parse_row, row_format
 from sftcore.masking import IGNORE_INDEX, EncodeOptions, encode_conversation
 from sftcore.models import load_tokenizer
 from sftcore.packing import PACK_WINDOW_ROWS, pack_rows
@@ -94,7 +94,7 @@ def _row_key(row: dict[str, Any]) -> tuple[int, str, int]:
 LINE_STATS = ("samples", "tokens", "trained_tokens", "row_tokens", "trained_turns", "windowed_turns", "dropped_turns")
 LINE_STATS += ("trees", "tree_tokens", "repeated_targets")
 STATUS_COLUMNS = ["file", "line", "key", "blank", "error_reason", "error_message", "rejected_text", "omissions"]
-STATUS_COLUMNS += LINE_STATS
+STATUS_COLUMNS += ["shape", *LINE_STATS]
 SEQUENCE_COLUMNS = ["line", "input_ids", "labels", "num_tokens", "num_trained"]
 TREE_COLUMNS = ["position_ids", "parents"]  # a prefix tree's, besides SEQUENCE_COLUMNS (sftcore.trees)
 _NO_STATUS = {
@@ -103,6 +103,7 @@ _NO_STATUS = {
     "error_message": "",
     "rejected_text": "",
     "omissions": "[]",
+    "shape": "",  # the shape the row was written in (sftcore.data.row_format)
     **dict.fromkeys(LINE_STATS, 0),
 }
 _EMPTY = {"input_ids": np.zeros(0, np.int32), "labels": np.zeros(0, np.int64), "num_tokens": 0, "num_trained": 0}
@@ -134,7 +135,9 @@ class RowEncoder:
         if not raw.strip():
             return [empty | {"blank": True}]
         try:
-            row = parse_row(parse_line(raw), self.options.train_on, self.options.data_format)
+            parsed = parse_line(raw)
+            shape = row_format(parsed, self.options.data_format)
+            row = parse_row(parsed, self.options.train_on, self.options.data_format)
             encoded = encode_conversation(row, self.tokenizer, self.options)
         except DataError as e:
             text = raw.decode("utf-8", errors="replace")
@@ -143,7 +146,7 @@ class RowEncoder:
         if self.options.trees:
             sequences = build_trees(encoded.samples, self.options.max_seq_length)
         stats = encoded.stats() | tree_stats(sequences if self.options.trees else [])
-        status = {k: stats[k] for k in LINE_STATS} | {"omissions": json.dumps(stats["omissions"])}
+        status = {k: stats[k] for k in LINE_STATS} | {"omissions": json.dumps(stats["omissions"]), "shape": shape}
         out = []
         for n, sequence in enumerate(sequences):
             labels = np.asarray(sequence.labels, dtype=np.int64)
@@ -282,6 +285,7 @@ def count_lines(
             summary.reject(file, line, DataError(row["error_message"], row["error_reason"]), row["rejected_text"])
         else:
             summary.add_row(file, line, row | {"omissions": json.loads(row["omissions"])})
+            summary.files[file][f"as {row['shape']}"] += 1
             key = int(row["key"])
             stats = {"key": key, "file": file, "line": line}
             stats["copies"] = sampling_copies(key, weights[file]) if weights else 1

@@ -256,6 +256,7 @@ def report_untrained(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
             len(summary.files),
             "\n".join(
                 f"  {file}: {c['lines']} lines ({c['blank_lines']} blank, {c['rejected']} rejected, {c['rows']} rows)"
+                + _read_as({key[3:]: n for key, n in c.items() if key.startswith("as ")}, " ")
                 for file, c in summary.files.items()
             ),
         )
@@ -273,7 +274,7 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
         logger.info(
             "data: %d lines (%d blank, %d rejected) -> %d train rows, %d validation rows; tokens %s (%d turns "
             "trained, %d of them with a shortened history, %d did not fit %d tokens); train: %d tokens, %d trained; "
-            "%d steps (%d per epoch)",
+            "%d steps (%d per epoch)%s",
             summary.lines,
             summary.blank_lines,
             summary.rejected_total,
@@ -288,6 +289,7 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
             summary.train_trained_tokens,
             total_steps,
             steps_per_epoch,
+            _read_as(summary.shapes, "; rows "),
         )
         if summary.packing_efficiency is not None:
             logger.info(
@@ -315,6 +317,15 @@ def account_for_data(cfg: TrainConfig, summary: DatasetSummary, output_dir: Stor
         "has_validation": summary.validation_rows > 0,
         "generation_rows": generation_rows(cfg, summary),
     }
+
+
+def _read_as(shapes: dict[str, int], before: str) -> str:
+    """'{before}read as messages' (mixed: 'read as messages 3, rows 2'): the shapes the rows were read in."""
+    if not shapes:
+        return ""
+    if len(shapes) == 1:
+        return f"{before}read as {next(iter(shapes))}"
+    return before + "read as " + ", ".join(f"{shape} {n}" for shape, n in sorted(shapes.items()))
 
 
 def generation_rows(cfg: TrainConfig, summary: DatasetSummary) -> list[tuple[int, dict]]:

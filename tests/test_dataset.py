@@ -166,8 +166,8 @@ def test_bad_lines_in_two_files_of_a_directory_are_reported_by_file_and_line_and
     }
     _, _, summary = on_both_paths(2, **options)
     assert summary.files == {
-        str(fire): {"lines": 30, "blank_lines": 1, "rejected": 1, "rows": 28},
-        str(tau): {"lines": 5, "rejected": 1, "rows": 4},
+        str(fire): {"lines": 30, "blank_lines": 1, "rejected": 1, "rows": 28, "as rows": 28},
+        str(tau): {"lines": 5, "rejected": 1, "rows": 4, "as rows": 4},
     }
     assert summary.lines == 35 and summary.train_rows + summary.validation_rows == summary.rows == 32
     assert [(r["file"], r["line"], r["reason"]) for r in summary.rejected] == [

@@ -242,6 +242,7 @@ def test_parquet_files_and_save_to_disk_folders_train_the_same_samples_as_jsonl(
         got, summary = samples(str(source))
         assert got == expected, source
         assert summary.rows == 5 and [(r["line"], r["reason"]) for r in summary.rejected] == [(6, "no_assistant")]
+        assert summary.shapes == {"messages": 5}  # said in the data line
         assert summary.rejected[0]["file"].endswith((".parquet", ".arrow"))
 
     # a datasets DatasetDict: which split to train on is said, not guessed
