@@ -23,8 +23,9 @@
   windows) sees the module through ``HeadShare``: its heads' slice of per-head parameters.
 
 Limits, plainly: models that mix tokens outside attention (linear attention, convolutions) are
-refused; so are flash-attn's flash_attention_2, transformers' sdpa / eager (their masks are built for
-the worker's slice), remote code under packed_eager, and torch.compile.
+refused, as is a group larger than the model's heads; so are flash-attn's flash_attention_2,
+transformers' sdpa / eager (their masks are built for the worker's slice), remote code under
+packed_eager, and torch.compile.
 """
 
 from __future__ import annotations
@@ -219,6 +220,9 @@ def check_sequence_parallel(choice: str, config: Any, max_seq_length: int, size:
             f"--sequence_parallel: {config.model_type} runs its own code, whose attention may read its module's "
             "per-head state beyond what the heads' shares are known to need; train it without --sequence_parallel"
         )
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is not None and heads < size:
+        raise ValueError(f"--sequence_parallel {size}: more workers than the model's {heads} attention heads to share")
     if choice not in (*TREE_KERNELS, PACKED_EAGER):
         raise ValueError(
             "--sequence_parallel runs with --attn_implementation packed_sdpa, packed_varlen or packed_eager (or "

@@ -177,6 +177,7 @@ def test_models_it_cannot_shard_are_refused_before_loading():
         (LlamaConfig(), "flash_attention_2", "packed_sdpa, packed_varlen or packed_eager"),
         (Gemma2Config(auto_map={"AutoConfig": "x.X"}), "auto", "runs its own code"),
         (LlamaConfig(), "sdpa", "packed_sdpa, packed_varlen or packed_eager"),
+        (LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1), "auto", "than the model's 2"),
         (Qwen3NextConfig(), "auto", "linear_attention layers"),
     ]:
         with pytest.raises(ValueError, match=message):
