@@ -1,21 +1,23 @@
 """Memory per worker for one long agent trajectory, with and without sequence parallelism (CPU, gloo).
 
-    python benchmarks/bench_sequence_parallel.py [--tokens 8192,16384] [--layers 4] [--cap_gb 4]
-        [--runs 1:ddp,1:ddp:tiled,2:ddp,2:fsdp,2:fsdp:tiled]
+    python benchmarks/bench_sequence_parallel.py [--tokens 8192,16384] [--layers 4] [--cap_gb 2.5]
+        [--runs 1:ddp,2:ddp,2:fsdp,1:ddp:nockpt,2:ddp:nockpt,1:ddp:lora:nockpt,2:ddp:lora:nockpt]
 
 One trajectory is built from tau-bench rows: their conversations chained (each row's messages after
 the previous row's) until it reaches the length, encoded with the bundled SmolLM2's template as one
 sample with every assistant turn trained. A SmolLM2-135M-shaped model (its config, random weights, the
-first --layers of its 30 layers) trains 2 full fine-tuning steps on it with the product's pieces
-(collate, the trained-positions head, gradient checkpointing as on CPU by default, DDP or FSDP2,
-AdamW): in one process (SP 1), then in 2 gloo processes sharing it (--sequence_parallel 2), each
-holding the whole model (DDP) or half of it (--strategy fsdp: weights, gradients and Adam's state
-sharded); with --tiled_mlp runs too (":tiled"). Each process samples its own resident memory every
-2 ms during the second step (Adam's state exists by then; glibc told to unmap what torch frees): the
-peak, and the step's own part of it (the peak minus what was resident before the step: activations,
-gradients, DDP's buckets). The longest trajectory under --cap_gb per worker is extrapolated from
-the step memory per token between the two lengths (a linear model of the measurements, stated as
-such). --memory_model prints the GPU memory model for the 1.5B and 7B shapes instead (memory_model()).
+first --layers of its 30 layers) trains 2 steps on it with the product's pieces (collate, the
+trained-positions head, DDP or FSDP2, AdamW; gradient checkpointing as on CPU by default, or not:
+":nockpt", the GPU default; full fine-tuning, or ":lora" with the product's LoRA defaults;
+":tiled" for --tiled_mlp): in one process (SP 1), then in 2 gloo processes sharing it
+(--sequence_parallel 2), each holding the whole model (DDP) or half of it (--strategy fsdp: weights,
+gradients and Adam's state sharded). Each process samples its own resident memory every 2 ms during
+the second step (Adam's state exists by then; glibc told to unmap what torch frees): the peak, and
+the step's own part of it (the peak minus what was resident before the step: activations,
+gradients). Under --cap_gb per worker: the longest measured length whose peak fits, and the longest
+trajectory extrapolated from the step memory per token between the two longest lengths (a linear
+model of the measurements, stated as such). --memory_model prints the GPU memory model for the 1.5B
+and 7B shapes instead (memory_model()).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def worker(rank: int, world: int, port: int, batch: dict, layers: int, run: str,
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sftcore.config import TrainConfig
     from sftcore.loop import TrainedTokenLoss, collate, model_inputs
     from sftcore.models import resolve_model_path, tile_mlps
     from sftcore.parallel import wrap_model
@@ -100,11 +103,24 @@ def worker(rank: int, world: int, port: int, batch: dict, layers: int, run: str,
     config.num_hidden_layers = layers
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="packed_sdpa").train()
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if run.endswith(":tiled"):
+    options = run.split(":")[2:]
+    if "nockpt" not in options:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "tiled" in options:
         tile_mlps(lm)
+    if "lora" in options:
+        from peft import LoraConfig, get_peft_model
+
+        defaults = TrainConfig()
+        lora = LoraConfig(
+            r=defaults.lora_r,
+            lora_alpha=defaults.lora_alpha,
+            lora_dropout=defaults.lora_dropout,
+            target_modules=defaults.lora_target_modules,
+        )
+        lm = get_peft_model(lm, lora)
     model = wrap_model(TrainedTokenLoss(lm), lm, run.split(":")[1], torch.device("cpu"))
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-5)
     rows = []
     for _ in range(2):
         with PeakSampler() as memory:
@@ -170,10 +186,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="SmolLM2-135M's layers kept (of 30)")
     parser.add_argument(
         "--runs",
-        default="1:ddp,1:ddp:tiled,2:ddp,2:fsdp,2:fsdp:tiled",
-        help="size:strategy[:tiled] of each run (sequence-parallel size; the first is the 1x)",
+        default="1:ddp,2:ddp,2:fsdp,1:ddp:nockpt,2:ddp:nockpt,1:ddp:lora:nockpt,2:ddp:lora:nockpt",
+        help="size:strategy[:options] of each run: the sequence-parallel size, ddp or fsdp, and any of tiled "
+        "(--tiled_mlp), lora (LoRA with the product's defaults), nockpt (no gradient checkpointing, the GPU "
+        "default); the first run of the list is the 1x",
     )
-    parser.add_argument("--cap_gb", type=float, default=4.0, help="memory per worker for the longest-sample column")
+    parser.add_argument("--cap_gb", type=float, default=2.5, help="memory per worker for the longest-sample column")
     parser.add_argument("--memory_model", action="store_true", help="print the GPU memory model only")
     args = parser.parse_args()
     if args.memory_model:
@@ -197,25 +215,29 @@ def main() -> None:
             table[run, tokens] = measure(int(run.split(":")[0]), run, batch, args.layers)
             print(f"  {run}: {table[run, tokens]}", flush=True)
 
-    print(f"\nSmolLM2-135M shape, {args.layers} layers, full fine-tuning, 2 CPU cores, torch {torch.__version__}")
-    header = f"{'SP:strategy':>16} {'tokens':>7} {'peak/worker':>12} {'step/worker':>12}"
-    print(f"{header} {'peak vs first':>13} {'step vs first':>13} {'s/step':>7}")
+    print(f"\nSmolLM2-135M shape, {args.layers} layers, 2 CPU cores, torch {torch.__version__}")
+    header = f"{'SP:strategy:options':>22} {'tokens':>7} {'peak/worker':>12} {'step/worker':>12}"
+    print(f"{header} {'peak vs SP 1':>13} {'step vs SP 1':>13} {'s/step':>7}")
     for (run, tokens), row in table.items():
-        first = table[runs[0], tokens]
+        same = ":".join(["1", "ddp", *run.split(":")[2:]])  # the 1x: one worker with the same options
+        first = table[same if same in runs else runs[0], tokens]
         print(
-            f"{run:>16} {tokens:>7} {row['peak'] / GB:>10.2f}GB {row['step'] / GB:>10.2f}GB "
+            f"{run:>22} {tokens:>7} {row['peak'] / GB:>10.2f}GB {row['step'] / GB:>10.2f}GB "
             f"{row['peak'] / first['peak']:>12.2f}x {row['step'] / first['step']:>12.2f}x {row['seconds']:>7.1f}"
         )
     if len(lengths) >= 2:
-        print(f"\nlongest trajectory under {args.cap_gb} GB per worker (linear in the measured step memory):")
-        short, long = lengths[0], lengths[-1]
+        print(f"\nlongest trajectory under {args.cap_gb} GB per worker: measured (the longest length whose peak")
+        print("fits), and a linear model of the step memory between the two longest lengths (a model, not measured):")
+        short, long = lengths[-2], lengths[-1]
         for run in runs:
+            fits = [tokens for tokens in lengths if table[run, tokens]["peak"] <= args.cap_gb * GB]
             a, b = table[run, short], table[run, long]
             per_token = (b["step"] - a["step"]) / (long - short)
             resident = b["peak"] - b["step"]  # model, gradients' and optimizer's state before the step
             fixed = b["step"] - per_token * long
             longest = (args.cap_gb * GB - resident - fixed) / per_token
-            print(f"  {run:>16}: {per_token / 1024:.1f} KiB per token -> about {longest / 1000:.0f}k tokens")
+            measured = f"{max(fits) // 1024}k trains" if fits else f"not even {lengths[0] // 1024}k"
+            print(f"  {run:>22}: {measured:>14}; {per_token / 1024:6.1f} KiB/token -> about {longest / 1000:.0f}k")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@
 - Attention (``ulysses``, around packed_sdpa, packed_varlen and packed_eager): an all-to-all swaps the sequence
   slices for head slices, the kernel runs over the whole pack for H/N heads with the unsharded
   boundaries (samples, prefix-tree segments and their keys), and a second all-to-all swaps back.
-  Key/value heads fewer than N (or not divisible by it) are repeated as far as needed; heads that N
-  does not divide are shared as evenly as they can be (9 over 2: 5 and 4), key/value heads then
-  repeated to one per query head.
+  Each worker gets the key/value heads its query heads use, and only those (one that several
+  workers use goes to each); heads that N does not divide are shared as evenly as they can be (9
+  over 2: 5 and 4), the kernel then called once per run of query heads sharing a key/value head.
 - Loss: each worker sums the losses of the trained positions in its slice; the loop divides the
   sum over all workers by the trained tokens counted once each, so the step's loss and gradients are
   those of one worker training the whole batch (the all-to-alls carry gradients back to the slices
@@ -31,7 +31,7 @@ packed_eager, and torch.compile.
 from __future__ import annotations
 
 import functools
-import math
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -118,25 +118,36 @@ def head_shares(heads: int, size: int) -> list[int]:
     return [heads // size + (rank < heads % size) for rank in range(size)]
 
 
-def kv_repeats(heads: int, kv_heads: int, size: int) -> int:
-    """How many times each key/value head is repeated so that every worker's query heads find theirs
-    among its share: the least that splits them equally where the query heads split equally (a divisor
-    of the query heads per key/value head), else one per query head."""
-    if heads % size:
-        return heads // kv_heads
-    return size // math.gcd(kv_heads, size)
+def query_heads(heads: int, size: int) -> list[range]:
+    """The query heads each worker attends for, consecutive (9 over 2: 0-4 and 5-8)."""
+    bounds = itertools.accumulate(head_shares(heads, size), initial=0)
+    return [range(first, last) for first, last in itertools.pairwise(bounds)]
 
 
-def _heads_for_sequence(tensor: torch.Tensor, group: Any, rank: int, size: int) -> torch.Tensor:
-    """[batch, heads, length / N, dim] on each worker -> [batch, this worker's heads, length, dim]: its
-    share of the heads over the whole sequence (slices arrive in rank order, which is sequence order)."""
+def kv_heads_needed(heads: int, kv_heads: int, size: int) -> list[range]:
+    """The key/value heads each worker's share of the query heads attends with: only those, so a worker
+    holds no more of them than its query heads use (9 query heads over 3 key/value heads, 2 workers:
+    query heads 0-4 and 5-8 need key/value heads 0-1 and 1-2); one that several workers need goes to
+    each of them (1 key/value head, 4 workers: all four get it)."""
+    per_kv = heads // kv_heads
+    return [range(share[0] // per_kv, share[-1] // per_kv + 1) for share in query_heads(heads, size)]
+
+
+def _heads_for_sequence(tensor: torch.Tensor, group: Any, rank: int, sends: list[range]) -> torch.Tensor:
+    """[batch, heads, length / N, dim] on each worker -> [batch, its heads, length, dim]: the heads
+    ``sends[rank]`` over the whole sequence (slices arrive in rank order, which is sequence order). A
+    head sent to several workers has its gradients summed on the way back (index_select's backward)."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    batch, heads, part, dim = tensor.shape
-    shares = head_shares(heads, size)
-    mine = shares[rank]
-    by_head = tensor.transpose(0, 1).contiguous()  # [heads, batch, part, dim]: each worker's heads in a run
-    received = all_to_all_single_autograd(by_head, [mine] * size, shares, group)  # [N * mine, batch, part, dim]
+    batch, _, part, dim = tensor.shape
+    size, mine = len(sends), len(sends[rank])
+    order = [head for heads in sends for head in heads]
+    by_head = tensor.transpose(0, 1)  # [heads sent, batch, part, dim]: each worker's in a run
+    if order == list(range(tensor.shape[1])):  # each head to one worker (no index on the device to build)
+        by_head = by_head.contiguous()
+    else:
+        by_head = by_head.index_select(0, torch.tensor(order, device=tensor.device))
+    received = all_to_all_single_autograd(by_head, [mine] * size, [len(heads) for heads in sends], group)
     received = received.reshape(size, mine, batch, part, dim).permute(2, 1, 0, 3, 4)
     return received.reshape(batch, mine, size * part, dim)
 
@@ -187,14 +198,26 @@ def ulysses(kernel: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tu
         if sequence_group is None:
             return kernel(module, query, key, value, attention_mask, *args, **kwargs)
         size, rank = dist.get_world_size(sequence_group), dist.get_rank(sequence_group)
-        heads = query.shape[1]
-        repeats = kv_repeats(heads, key.shape[1], size)
-        if repeats > 1:
-            key, value = (t.repeat_interleave(repeats, dim=1) for t in (key, value))
-        query, key, value = (_heads_for_sequence(t, sequence_group, rank, size) for t in (query, key, value))
-        first = sum(head_shares(heads, size)[:rank])
-        share = HeadShare(module, first, query.shape[1], key.shape[1])
-        output, _ = kernel(share, query, key, value, attention_mask, *args, **kwargs)
+        heads, kv_heads = query.shape[1], key.shape[1]
+        query_sends, kv_sends = query_heads(heads, size), kv_heads_needed(heads, kv_heads, size)
+        query = _heads_for_sequence(query, sequence_group, rank, query_sends)
+        key, value = (_heads_for_sequence(t, sequence_group, rank, kv_sends) for t in (key, value))
+        # this worker's query heads in runs by the key/value head they use: one kernel call where the
+        # runs are equal (grouped-query attention as the kernel does it), one per run where they are not
+        mine, per_kv = query_sends[rank], heads // kv_heads
+        runs = [(max(mine.start, kv * per_kv), min(mine.stop, (kv + 1) * per_kv)) for kv in kv_sends[rank]]
+        if len({end - start for start, end in runs}) == 1:
+            runs, kv_per_call = [(mine.start, mine.stop)], len(kv_sends[rank])
+        else:
+            kv_per_call = 1
+        outputs = []
+        for call, (start, end) in enumerate(runs):
+            kv = slice(call * kv_per_call, (call + 1) * kv_per_call)
+            share = HeadShare(module, start, end - start, kv_per_call)
+            q = query[:, start - mine.start : end - mine.start]
+            output, _ = kernel(share, q, key[:, kv], value[:, kv], attention_mask, *args, **kwargs)
+            outputs.append(output)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return _sequence_for_heads(output, sequence_group, size, heads), None
 
     return attention

@@ -17,7 +17,7 @@ from sftcore.config import TrainConfig
 from sftcore.loop import TrainedTokenLoss, collate, model_inputs
 from sftcore.masking import IGNORE_INDEX, encode_row
 from sftcore.packing import pack_rows
-from sftcore.sequence_parallel import check_sequence_parallel, head_shares, kv_repeats, shard_tokens
+from sftcore.sequence_parallel import check_sequence_parallel, head_shares, kv_heads_needed, shard_tokens
 from sftcore.trees import build_trees
 
 TAU = [json.loads(line) for line in (DATA / "taubench_airline_dev.jsonl").read_text().splitlines()]
@@ -27,14 +27,17 @@ LLAMA = {"model_type": "llama", "attention": "packed_sdpa"}
 GPT_OSS = {"model_type": "gpt_oss", "attention": "packed_eager", "head_dim": 8, "sliding_window": 16}
 GPT_OSS |= {"num_local_experts": 4, "num_experts_per_tok": 2}
 # (name, model, query heads, key/value heads, prefix trees, LoRA, strategy): 1 key/value head is fewer
-# than the workers (repeated), 2 divide them; 3 query heads do not divide among 2 workers (2 and 1)
+# than the workers (sent to both), 2 divide them; 3 query heads do not divide among 2 workers (2 and
+# 1); 6 query heads over 3 key/value heads give each worker runs of query heads of unequal lengths
+# per key/value head (query heads 0-2: 2 on key/value head 0, 1 on 1), one kernel call per run
 CASES = [
     ("samples, 4 heads over kv 2, ddp", LLAMA, 4, 2, False, False, "ddp"),
     ("trees, 4 heads over kv 1, ddp", LLAMA, 4, 1, True, False, "ddp"),
     ("trees, 3 heads over kv 1, ddp", LLAMA, 3, 1, True, False, "ddp"),
+    ("samples, 6 heads over kv 3, ddp", LLAMA, 6, 3, False, False, "ddp"),
     ("trees, 4 heads over kv 1, lora", LLAMA, 4, 1, True, True, "ddp"),
     ("trees, 4 heads over kv 2, fsdp", LLAMA, 4, 2, True, False, "fsdp"),
-    ("gpt-oss samples, 4 heads over kv 2, ddp", GPT_OSS, 4, 2, False, False, "ddp"),
+    ("gpt-oss samples, 6 heads over kv 3, ddp", GPT_OSS, 6, 3, False, False, "ddp"),
 ]
 
 
@@ -161,11 +164,17 @@ def test_each_worker_gets_its_slice_of_every_row_and_the_targets_its_positions_p
     assert "attention_mask" not in unpacked and unpacked["position_ids"].tolist() == [[1]]
 
 
-def test_heads_are_shared_as_evenly_as_they_can_be_and_key_value_heads_repeated_only_as_far_as_needed():
+def test_heads_are_shared_as_evenly_as_they_can_be_and_each_worker_gets_only_the_key_value_heads_it_uses():
     assert head_shares(8, 2) == [4, 4] and head_shares(9, 2) == [5, 4] and head_shares(6, 4) == [2, 2, 1, 1]
-    assert [kv_repeats(4, kv, 2) for kv in (1, 2, 4)] == [2, 1, 1]
-    assert [kv_repeats(32, kv, 8) for kv in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
-    assert kv_repeats(9, 3, 2) == 3  # SmolLM2-135M: 9 heads over 2 workers, one key/value head per query head
+
+    def needed(heads, kv_heads, size):
+        return [list(kv) for kv in kv_heads_needed(heads, kv_heads, size)]
+
+    assert needed(4, 1, 2) == [[0], [0]]  # fewer key/value heads than workers: each gets the one it uses
+    assert needed(4, 2, 2) == [[0], [1]] and needed(4, 4, 2) == [[0, 1], [2, 3]]
+    assert needed(32, 8, 8) == [[h] for h in range(8)] and needed(32, 2, 8) == [[0]] * 4 + [[1]] * 4
+    assert needed(9, 3, 2) == [[0, 1], [1, 2]]  # SmolLM2-135M: query heads 0-4 and 5-8, the middle one to both
+    assert needed(28, 4, 8) == [[0], [0, 1], [1], [1, 2], [2], [2, 3], [3], [3]]  # Qwen2.5-7B over 8
 
 
 def test_models_it_cannot_shard_are_refused_before_loading():
