@@ -1,7 +1,7 @@
 """Memory per worker for one long agent trajectory, with and without sequence parallelism (CPU, gloo).
 
     python benchmarks/bench_sequence_parallel.py [--tokens 8192,16384] [--layers 4] [--cap_gb 2.5]
-        [--runs 1:ddp,2:ddp,2:fsdp,1:ddp:nockpt,2:ddp:nockpt,1:ddp:lora:nockpt,2:ddp:lora:nockpt]
+        [--runs 1:ddp,2:ddp,2:fsdp,1:ddp:tiled,1:ddp:nockpt,2:ddp:nockpt,1:ddp:lora:nockpt,2:ddp:lora:nockpt]
 
 One trajectory is built from tau-bench rows: their conversations chained (each row's messages after
 the previous row's) until it reaches the length, encoded with the bundled SmolLM2's template as one
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="SmolLM2-135M's layers kept (of 30)")
     parser.add_argument(
         "--runs",
-        default="1:ddp,2:ddp,2:fsdp,1:ddp:nockpt,2:ddp:nockpt,1:ddp:lora:nockpt,2:ddp:lora:nockpt",
+        default="1:ddp,2:ddp,2:fsdp,1:ddp:tiled,1:ddp:nockpt,2:ddp:nockpt,1:ddp:lora:nockpt,2:ddp:lora:nockpt",
         help="size:strategy[:options] of each run: the sequence-parallel size, ddp or fsdp, and any of tiled "
         "(--tiled_mlp), lora (LoRA with the product's defaults), nockpt (no gradient checkpointing, the GPU "
         "default); the first run of the list is the 1x",
