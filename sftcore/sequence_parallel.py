@@ -133,6 +133,18 @@ def kv_heads_needed(heads: int, kv_heads: int, size: int) -> list[range]:
     return [range(share[0] // per_kv, share[-1] // per_kv + 1) for share in query_heads(heads, size)]
 
 
+def kernel_calls(heads: int, kv_heads: int, mine: range, needed: range) -> list[tuple[range, slice]]:
+    """A worker's kernel calls: (its query heads, the slice of its received key/value heads they use).
+    Its query heads fall in runs by the key/value head they use: one call where the runs are equal
+    (grouped-query attention as the kernel does it), one per run where they are not (query heads 0-4
+    over key/value heads 0-1, 3 per key/value head: runs 0-2 and 3-4)."""
+    per_kv = heads // kv_heads
+    runs = [range(max(mine.start, kv * per_kv), min(mine.stop, (kv + 1) * per_kv)) for kv in needed]
+    if len({len(run) for run in runs}) == 1:
+        return [(mine, slice(0, len(needed)))]
+    return [(run, slice(i, i + 1)) for i, run in enumerate(runs)]
+
+
 def _heads_for_sequence(tensor: torch.Tensor, group: Any, rank: int, sends: list[range]) -> torch.Tensor:
     """[batch, heads, length / N, dim] on each worker -> [batch, its heads, length, dim]: the heads
     ``sends[rank]`` over the whole sequence (slices arrive in rank order, which is sequence order). A
@@ -202,19 +214,11 @@ def ulysses(kernel: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tu
         query_sends, kv_sends = query_heads(heads, size), kv_heads_needed(heads, kv_heads, size)
         query = _heads_for_sequence(query, sequence_group, rank, query_sends)
         key, value = (_heads_for_sequence(t, sequence_group, rank, kv_sends) for t in (key, value))
-        # this worker's query heads in runs by the key/value head they use: one kernel call where the
-        # runs are equal (grouped-query attention as the kernel does it), one per run where they are not
-        mine, per_kv = query_sends[rank], heads // kv_heads
-        runs = [(max(mine.start, kv * per_kv), min(mine.stop, (kv + 1) * per_kv)) for kv in kv_sends[rank]]
-        if len({end - start for start, end in runs}) == 1:
-            runs, kv_per_call = [(mine.start, mine.stop)], len(kv_sends[rank])
-        else:
-            kv_per_call = 1
+        first = query_sends[rank].start
         outputs = []
-        for call, (start, end) in enumerate(runs):
-            kv = slice(call * kv_per_call, (call + 1) * kv_per_call)
-            share = HeadShare(module, start, end - start, kv_per_call)
-            q = query[:, start - mine.start : end - mine.start]
+        for queries, kv in kernel_calls(heads, kv_heads, query_sends[rank], kv_sends[rank]):
+            share = HeadShare(module, queries.start, len(queries), kv.stop - kv.start)
+            q = query[:, queries.start - first : queries.stop - first]
             output, _ = kernel(share, q, key[:, kv], value[:, kv], attention_mask, *args, **kwargs)
             outputs.append(output)
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
